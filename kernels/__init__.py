@@ -1,0 +1,29 @@
+"""freeatm_kernels: fused GPU ops for Free-ATM-style self-supervised learning.
+
+Standalone: depends on torch and (optionally) triton only, never on ``freeatm_fast``, so other SSL
+codebases can ``pip install`` it or copy the folder. Each op has a plain eager ``*_reference`` (the
+definition of truth), a Triton kernel, for some a CUDA C++ kernel in ``freeatm_kernels._C``, and one
+public function with ``backend="auto" | "torch" | "triton" | "cuda"`` registered as a
+``torch.library`` custom op. ``python -m freeatm_kernels.info`` says which backends run here.
+
+Importing this package never initialises CUDA and never loads the compiled extension.
+"""
+
+from ._backend import BACKENDS
+from .cross_attention_with_maps import cross_attention_with_maps, cross_attention_with_maps_reference
+from .mask_pool import mask_pool, mask_pool_reference
+from .select_patches import gather_tokens, gather_tokens_reference, select_patches, select_patches_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "cross_attention_with_maps",
+    "cross_attention_with_maps_reference",
+    "gather_tokens",
+    "gather_tokens_reference",
+    "mask_pool",
+    "mask_pool_reference",
+    "select_patches",
+    "select_patches_reference",
+]

@@ -1,0 +1,34 @@
+"""Test set-up: run the Triton kernels in the interpreter on machines without a GPU.
+
+Triton decides at decoration time whether a kernel is interpreted, so TRITON_INTERPRET must be set
+before freeatm_kernels is imported, and only where no GPU exists (on a GPU the same tests run the
+compiled kernels on CUDA tensors).
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import freeatm_kernels  # noqa: E402,F401  (imported after the flag on purpose)
+
+# The device the Triton tests run on: CUDA when present, else CPU tensors under the interpreter.
+KERNEL_DEVICE = torch.device("cuda") if HAS_CUDA else torch.device("cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker 'cuda'); none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_device():
+    return KERNEL_DEVICE
