@@ -1,0 +1,3 @@
+from freeatm_fast.cli import main
+
+raise SystemExit(main())
