@@ -64,7 +64,10 @@ def git_revision() -> str:
         rev = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, cwd=RESULTS_DIR.parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=RESULTS_DIR.parent,
         ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except Exception:
@@ -83,8 +86,9 @@ def versions() -> dict:
     return v
 
 
-def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int = 5, iters: int = 30,
-            min_time_s: float = 0.0) -> Stats:
+def time_fn(
+    fn: Callable[[], object], *, device: torch.device, warmup: int = 5, iters: int = 30, min_time_s: float = 0.0
+) -> Stats:
     """Time ``fn()``: ``warmup`` untimed calls, then ``iters`` timed calls (more while under ``min_time_s``)."""
     is_cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -126,8 +130,14 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> f
 class BenchRun:
     """One benchmark run: a device, versions, a git revision, and rows appended as they are measured."""
 
-    def __init__(self, bench: str, *, device: torch.device | str | None = None, quick: bool = False,
-                 results_dir: Path | str = RESULTS_DIR):
+    def __init__(
+        self,
+        bench: str,
+        *,
+        device: torch.device | str | None = None,
+        quick: bool = False,
+        results_dir: Path | str = RESULTS_DIR,
+    ):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -162,9 +172,21 @@ class BenchRun:
             kw.setdefault("iters", 5)
         return time_fn(fn, **kw)
 
-    def record(self, *, op: str, backend: str, dtype: str, shape: dict, stats: Stats | None,
-               bytes_moved: int | None = None, flops: float | None = None, baseline: Stats | None = None,
-               baseline_name: str = "torch_eager", note: str = "", extra: dict | None = None) -> dict:
+    def record(
+        self,
+        *,
+        op: str,
+        backend: str,
+        dtype: str,
+        shape: dict,
+        stats: Stats | None,
+        bytes_moved: int | None = None,
+        flops: float | None = None,
+        baseline: Stats | None = None,
+        baseline_name: str = "torch_eager",
+        note: str = "",
+        extra: dict | None = None,
+    ) -> dict:
         """Append one row. ``stats=None`` records a backend that could not run, with ``note`` saying why."""
         row = {**self.meta, "op": op, "backend": backend, "dtype": dtype, "shape": shape, "note": note}
         if stats is not None:
@@ -203,11 +225,11 @@ class BenchRun:
         for r in self.rows:
             shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
 
-            def f(key, fmt):
+            def f(key, fmt, r=r):
                 return format(r[key], fmt) if r.get(key) is not None else ""
 
             pct = format(100 * r["frac_of_peak_bw"], ".0f") if r.get("frac_of_peak_bw") is not None else ""
-            sp = (f"{r['speedup_vs_baseline']:.2f}× vs {r['baseline']}" if r.get("speedup_vs_baseline") else "")
+            sp = f"{r['speedup_vs_baseline']:.2f}× vs {r['baseline']}" if r.get("speedup_vs_baseline") else ""
             p2080 = f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f}" if "p20_ms" in r else ""
             lines.append(
                 f"| {r['op']} | {r['backend']} | {r['dtype']} | {shape} | {f('median_ms', '.3f')} | {p2080} | "

@@ -18,8 +18,9 @@ BENCHES = ("cross_attention_with_maps", "mask_pool", "select_patches")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes, the backends that run here")
     parser.add_argument("--ops", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -30,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown op(s) {unknown}; choose from {list(BENCHES)}")
 
     run = BenchRun("kernels", device=args.device, quick=args.quick)
-    print(f"kernel benchmarks on {run.meta['device']} (git {run.meta['git']}, torch {run.meta['torch']}, "
-          f"triton {run.meta['triton']}){' [quick]' if args.quick else ''}", flush=True)
+    print(
+        f"kernel benchmarks on {run.meta['device']} (git {run.meta['git']}, torch {run.meta['torch']}, "
+        f"triton {run.meta['triton']}){' [quick]' if args.quick else ''}",
+        flush=True,
+    )
     for op in ops:
         t0 = time.perf_counter()
         module = importlib.import_module(f"bench.bench_{op}")

@@ -105,7 +105,9 @@ def resolve_backend(op: str, backend: str, device: torch.device, *, has_cuda_imp
     if device.type != "cuda":
         raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
     if not extension_has(op):
-        raise ValueError(f"{op}: backend='cuda' needs the extension freeatm_kernels._C: {extension_error() or 'op missing'}")
+        raise ValueError(
+            f"{op}: backend='cuda' needs the extension freeatm_kernels._C: {extension_error() or 'op missing'}"
+        )
     return "cuda"
 
 

@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
-    print(f"freeatm_kernels on python {rep['python']}, torch {rep['torch']} (CUDA build: {rep['torch_cuda']}), "
-          f"triton {rep['triton']}")
+    print(
+        f"freeatm_kernels on python {rep['python']}, torch {rep['torch']} (CUDA build: {rep['torch_cuda']}), "
+        f"triton {rep['triton']}"
+    )
     print(f"GPU: {rep['gpu'] or 'none visible to torch'}")
     print(f"TRITON_INTERPRET: {'on (Triton kernels run on CPU tensors)' if rep['triton_interpret'] else 'off'}")
     print(f"CUDA extension freeatm_kernels._C: {rep['cuda_extension']}")
