@@ -76,8 +76,14 @@ def triton_usable_on(device: torch.device) -> tuple[bool, str]:
     return False, f"no Triton backend for device type {device.type!r}"
 
 
-def resolve_backend(op: str, backend: str, device: torch.device, *, has_cuda_impl: bool) -> str:
+def resolve_backend(
+    op: str, backend: str, device: torch.device, *, has_cuda_impl: bool, ext_ops: tuple[str, ...] | None = None
+) -> str:
     """Turn ``backend`` into the concrete backend that will run ``op`` on ``device``.
+
+    ``ext_ops`` names the ``torch.ops.freeatm_C`` ops the CUDA path needs (default: ``(op,)``; e.g.
+    ``mask_pool`` needs ``mask_pool_forward`` and ``mask_pool_backward``). Call it at run time (inside the
+    custom op), not while ``torch.compile`` traces: the first call may import the extension.
 
     ``auto``: the CUDA extension when it is built and has ``op`` and the tensors are on a GPU, else
     Triton on GPU tensors, else the torch reference. An explicit backend that cannot run raises
@@ -87,9 +93,10 @@ def resolve_backend(op: str, backend: str, device: torch.device, *, has_cuda_imp
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    ext_ops = ext_ops or (op,)
     if backend == "auto":
         if device.type == "cuda":
-            if has_cuda_impl and extension_has(op):
+            if has_cuda_impl and all(extension_has(name) for name in ext_ops):
                 return "cuda"
             if triton_usable_on(device)[0]:
                 return "triton"
@@ -104,7 +111,7 @@ def resolve_backend(op: str, backend: str, device: torch.device, *, has_cuda_imp
         raise ValueError(f"{op}: there is no CUDA C++ implementation of this op; use 'triton' or 'torch'")
     if device.type != "cuda":
         raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
-    if not extension_has(op):
+    if not all(extension_has(name) for name in ext_ops):
         raise ValueError(
             f"{op}: backend='cuda' needs the extension freeatm_kernels._C: {extension_error() or 'op missing'}"
         )
