@@ -12,7 +12,13 @@ Importing this package never initialises CUDA and never loads the compiled exten
 from ._backend import BACKENDS
 from .cross_attention_with_maps import cross_attention_with_maps, cross_attention_with_maps_reference
 from .mask_pool import mask_pool, mask_pool_reference
-from .select_patches import gather_tokens, gather_tokens_reference, select_patches, select_patches_reference
+from .select_patches import (
+    gather_tokens,
+    gather_tokens_reference,
+    num_guided_patches,
+    select_patches,
+    select_patches_reference,
+)
 
 __version__ = "0.1.0"
 
@@ -24,6 +30,7 @@ __all__ = [
     "gather_tokens_reference",
     "mask_pool",
     "mask_pool_reference",
+    "num_guided_patches",
     "select_patches",
     "select_patches_reference",
 ]
