@@ -5,7 +5,7 @@ Environment:
   FREEATM_CUDA_EXT=auto|0|1   auto (default): build the extension when torch is importable here, is a
                               CUDA build, and a CUDA toolkit (nvcc) is found; 0: never; 1: always, and
                               fail loudly when it cannot.
-  FREEATM_CUDA_ARCHS          e.g. "9.0" or "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else "8.0;9.0").
+  FREEATM_CUDA_ARCHS          e.g. "9.0" or "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else "8.0;9.0+PTX").
   MAX_JOBS                    parallel compile jobs (read by torch.utils.cpp_extension / ninja).
 
 Under pip's build isolation torch is not importable in the build environment, so ``pip install -e .``
@@ -20,10 +20,11 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["freeatm_fast", "freeatm_kernels"]
+# freeatm_fast and every sub-package of it; kernels/ installs as freeatm_kernels.
+PACKAGES = find_packages(include=["freeatm_fast", "freeatm_fast.*"]) + ["freeatm_kernels"]
 
 
 def _say(msg: str) -> None:
@@ -45,6 +46,15 @@ def _cuda_extension_plan():
         _say(f"skipping the CUDA extension freeatm_kernels._C: {reason}")
         return [], {}
 
+    # torch.utils.cpp_extension fixes CUDA_HOME at import. A wrapper nvcc on PATH (e.g. /usr/local/bin/nvcc) makes
+    # it guess /usr/local, which has no CUDA headers, so pick a root that really holds the toolkit first.
+    if not os.environ.get("CUDA_HOME"):
+        nvcc = shutil.which("nvcc")
+        candidates = ["/usr/local/cuda"] + ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else [])
+        for root in candidates:
+            if os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h")):
+                os.environ["CUDA_HOME"] = root
+                break
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -57,14 +67,10 @@ def _cuda_extension_plan():
     if torch.version.cuda is None:
         return skip(f"torch {torch.__version__} is not a CUDA build")
     cuda_home = CUDA_HOME or os.environ.get("CUDA_HOME")
-    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        nvcc = shutil.which("nvcc")
-        if nvcc is None:
-            return skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        os.environ["CUDA_HOME"] = cuda_home
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
+        return skip(f"no CUDA toolkit found (CUDA_HOME={cuda_home!r} has no include/cuda_runtime_api.h; set CUDA_HOME)")
 
-    archs = os.environ.get("FREEATM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+    archs = os.environ.get("FREEATM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
@@ -82,8 +88,9 @@ def _cuda_extension_plan():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            # no -std flag: torch's extension builder adds the one its headers need (C++20 for torch 2.14)
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
@@ -94,7 +101,7 @@ ext_modules, cmdclass = _cuda_extension_plan()
 setup(
     packages=PACKAGES,
     package_dir={"freeatm_fast": "freeatm_fast", "freeatm_kernels": "kernels"},
-    package_data={"freeatm_fast": ["configs/*.yaml"]},
+    package_data={"freeatm_fast": ["configs/*.yaml"], "freeatm_fast.generate": ["data/*.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -79,11 +79,14 @@ def mask_pool_reference(
     B, C, h, w = features.shape
     acc = _accumulate_dtype(features.dtype)
     m = _downsampled_masks(masks, h, w, acc)  # [B,K,P]
-    den = m.sum(dim=-1) + eps  # [B,K]
+    msum = m.sum(dim=-1)  # [B,K]
+    den = msum + eps
     mass = m.mean(dim=-1).float()
     num = torch.bmm(m.to(features.dtype), features.reshape(B, C, h * w).transpose(1, 2))  # [B,K,C]
-    nonzero = den > 0
-    # divide by a safe denominator so that the unused branch of where() has no inf/NaN (nor NaN gradients)
+    # An empty mask pools to 0 (num is 0 there, so this changes no value). Excluding it from the division also
+    # keeps its gradient at 0: with eps=1e-6 the gradient of num would be 1e6 * g, which overflows fp16 and turns
+    # into inf * 0 = NaN in the bmm backward. Dividing by a safe denominator keeps the unused branch finite.
+    nonzero = (den > 0) & (msum > 0)
     pooled = torch.where(nonzero[..., None], num.to(acc) / torch.where(nonzero, den, 1.0)[..., None], 0.0)
     return pooled.to(features.dtype), mass
 
