@@ -187,7 +187,16 @@ class BenchRun:
         note: str = "",
         extra: dict | None = None,
     ) -> dict:
-        """Append one row. ``stats=None`` records a backend that could not run, with ``note`` saying why."""
+        """Append one row. ``stats=None`` records a backend that could not run, with ``note`` saying why.
+
+        Triton on CPU tensors runs in the interpreter: its time is recorded, but no GB/s and no speed-up, since
+        an interpreted kernel's speed says nothing about the kernel.
+        """
+        interpreted = backend == "triton" and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        if interpreted:
+            bytes_moved = flops = baseline = None
+            if "interpreter" not in note:
+                note = ("triton interpreter (CPU), not a speed measurement; " + note).rstrip("; ")
         row = {**self.meta, "op": op, "backend": backend, "dtype": dtype, "shape": shape, "note": note}
         if stats is not None:
             row.update(asdict(stats))
