@@ -41,6 +41,8 @@ set -e
 
 echo "== full kernel benchmarks" | tee -a "$LOG"
 "$PY" -m bench.kernels 2>&1 | tee -a "$LOG"
+echo "== generation benchmark (SD1.5 architecture, random weights, fp16, 512x512)" | tee -a "$LOG"
+"$PY" -m bench.bench_generate 2>&1 | tee -a "$LOG"
 
 if [ -n "${OUT:-}" ]; then
   cp bench/results/*.jsonl bench/results/*.md "$LOG" "$OUT"/ 2>/dev/null || true

@@ -1,12 +1,17 @@
 """The ``freeatm`` command.
 
 Sub-commands are added as the parts they drive land (generate, show, train, eval, toy-train: see
-DESIGN.md); each one listed here works.
+DESIGN.md); each one listed here works. Heavy packages (torch models, diffusers, PIL) are imported
+inside the command functions, so ``import freeatm_fast.cli`` and ``freeatm --help`` stay light.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import traceback
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -15,12 +20,130 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return info_main(["--json"] if args.json else [])
 
 
+def _fail(command: str, exc: BaseException) -> int:
+    """Report an expected failure (bad input, damaged shard, missing file) as one line on stderr; exit status 2.
+
+    ``FREEATM_DEBUG=1`` in the environment prints the traceback too.
+    """
+    if os.environ.get("FREEATM_DEBUG") == "1":
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"freeatm {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from freeatm_fast.generate.capture import CaptureConfig
+    from freeatm_fast.generate.models import UnsupportedModelError
+    from freeatm_fast.generate.sampler import GenerateConfig, generate
+
+    try:
+        config = GenerateConfig(
+            model=args.model,
+            prompts=args.prompts,
+            objects=args.objects,
+            num_images=args.num_images,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            guidance=args.guidance,
+            scheduler=args.scheduler,
+            seed=args.seed,
+            size=args.size,
+            mask_size=args.mask_size,
+            shard_size=args.shard_size,
+            jpeg_quality=args.jpeg_quality,
+            out=args.out,
+            device=args.device,
+            dtype=args.dtype,
+            capture=CaptureConfig(backend=args.backend),
+        )
+        summary = generate(config, progress=not args.quiet)
+    except (ValueError, OSError, UnsupportedModelError) as exc:  # ShardError is a ValueError
+        return _fail("generate", exc)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from freeatm_fast.generate.show import show
+
+    try:
+        info = show(args.dir, args.out, num=args.num, cols=args.cols)
+    except (ValueError, OSError) as exc:
+        return _fail("show", exc)
+    print(f"wrote {info['path']}: {info['num']} samples, {info['size'][0]}x{info['size'][1]} pixels")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from freeatm_fast.data.shards import verify_dir
+
+    if not Path(args.dir).is_dir():
+        return _fail("verify", NotADirectoryError(f"{args.dir} is not a directory"))
+    report = verify_dir(args.dir)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+    return 0 if report["ok"] else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeatm", description="Free-ATM: fast SSL on diffusion-generated images")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="which kernel backends (torch, Triton, CUDA extension) run on this machine")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info)
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample images with free cross-attention masks into resumable shards",
+        description="Sample images with their object masks into OUT/shard-NNNNNN.tar (DESIGN §4-5). Rerunning the "
+        "same command resumes: complete shards are skipped. Data parallel over RANK/WORLD_SIZE (torchrun, "
+        "deepspeed launcher); LOCAL_RANK picks the GPU. Prints a JSON summary on stdout.",
+    )
+    gen.add_argument("--model", default="tiny-random", help="tiny-random, a local diffusers folder or a hub id")
+    gen.add_argument("--prompts", required=True, help="prompt file, builtin:imagenet or builtin:imagenet:N")
+    gen.add_argument("--objects", default=None, metavar="FILE", help="vocabulary matched against unbracketed prompts")
+    gen.add_argument("--num-images", type=_positive_int, required=True, help="N: samples in the data set")
+    gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per pipeline call (default 8)")
+    gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
+    gen.add_argument("--seed", type=int, default=0, help="base seed; sample i uses seed*1000003+i (default 0)")
+    gen.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    gen.add_argument("--mask-size", type=int, default=None, help="mask side (default: the latent size)")
+    gen.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    gen.add_argument("--jpeg-quality", type=int, default=95)
+    gen.add_argument("--out", required=True, help="output shard directory")
+    gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda:LOCAL_RANK if available)")
+    gen.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default fp16 on GPU, else fp32")
+    gen.add_argument(
+        "--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help="cross_attention_with_maps"
+    )
+    gen.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    gen.set_defaults(func=_cmd_generate)
+
+    show = sub.add_parser("show", help="draw a grid of samples with mask overlays, boxes and captions (PNG)")
+    show.add_argument("dir", help="shard directory")
+    show.add_argument("--out", required=True, help="PNG to write")
+    show.add_argument("--num", type=_positive_int, default=16, help="samples to draw (default 16)")
+    show.add_argument("--cols", type=_positive_int, default=4, help="grid columns (default 4)")
+    show.set_defaults(func=_cmd_show)
+
+    verify = sub.add_parser(
+        "verify", help="validate every sample of a shard directory; JSON report, exit 1 on problems"
+    )
+    verify.add_argument("dir", help="shard directory")
+    verify.set_defaults(func=_cmd_verify)
     return parser
 
 

@@ -63,3 +63,28 @@ def test_info_command_line():
     for op in ("cross_attention_with_maps", "mask_pool", "select_patches", "gather_tokens"):
         assert op in proc.stdout
     assert "CUDA extension freeatm_kernels._C:" in proc.stdout
+
+
+def test_folder_imported_as_kernels_is_the_same_package():
+    # From the repository root the folder kernels/ is also importable as "kernels" (transformers probes that name
+    # for the Hugging Face kernels package). It must hand out freeatm_kernels itself: running the op modules twice
+    # re-registers the freeatm:: custom ops and leaves dangling op handles (random "vector::reserve" errors).
+    code = textwrap.dedent(
+        """
+        import importlib, sys, torch
+        import freeatm_kernels
+        alias = importlib.import_module("kernels")
+        assert alias is freeatm_kernels, alias
+        assert not [m for m in sys.modules if m.startswith("kernels.")], sorted(sys.modules)
+        q = torch.randn(2, 2, 5, 8); k = v = torch.randn(2, 2, 3, 8); maps = torch.zeros(2, 3, 5)
+        out = freeatm_kernels.cross_attention_with_maps(q, k, v, maps, backend="torch")
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        print("ok")
+        """
+    )
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo_root, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
