@@ -287,7 +287,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -838,7 +838,7 @@ def write_index(out_dir: str | os.PathLike, index: dict) -> None:
     problem = _index_problem(index)
     if problem:
         raise ValueError(f"{path}: refusing to write an invalid index: {problem}")
-    _atomic_write_bytes(path, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def update_index(out_dir: str | os.PathLike, generator_config: dict) -> dict:

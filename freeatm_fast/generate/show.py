@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -130,19 +129,6 @@ def draw_sample(image: Image.Image, masks: np.ndarray, meta: dict, cell_w: int, 
     return cell
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def show(dir: str | os.PathLike, out_png: str | os.PathLike, *, num: int = 16, cols: int = 4) -> dict:
     """Draw the first ``num`` samples of the shard directory ``dir`` into the PNG ``out_png`` (written atomically).
 
@@ -153,7 +139,7 @@ def show(dir: str | os.PathLike, out_png: str | os.PathLike, *, num: int = 16, c
         ValueError: ``dir`` holds no complete shard, or ``num``/``cols`` are not positive ints.
         ShardError: a damaged shard or sample among those read (the message names the shard and key).
     """
-    from freeatm_fast.data.shards import ShardReader, scan_shards
+    from freeatm_fast.data.shards import ShardReader, atomic_write_bytes, scan_shards
 
     for name, value in (("num", num), ("cols", cols)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -194,5 +180,5 @@ def show(dir: str | os.PathLike, out_png: str | os.PathLike, *, num: int = 16, c
         out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
-    _write_atomic(out, buf.getvalue())
+    atomic_write_bytes(out, buf.getvalue())
     return {"path": str(out), "num": len(samples), "size": list(grid.size), "keys": [s.key for s in samples]}
