@@ -96,8 +96,22 @@ def sample_key(index: int) -> str:
     return f"{index:09d}"
 
 
+class _MetaAccess:
+    """Shortcuts into ``self.meta`` (the KEY.json object) shared by :class:`Sample` and :class:`RawSample`."""
+
+    meta: dict
+
+    @property
+    def objects(self) -> list:
+        return self.meta["objects"]
+
+    @property
+    def caption(self) -> str:
+        return self.meta["caption"]
+
+
 @dataclass(frozen=True, eq=False)  # == on numpy fields is ambiguous: compare fields explicitly
-class Sample:
+class Sample(_MetaAccess):
     """One decoded sample.
 
     image: PIL RGB image of size ``meta["size"]`` = (W, H), or (writer only) a uint8 numpy array [H, W, 3].
@@ -110,17 +124,9 @@ class Sample:
     masks: np.ndarray
     meta: dict
 
-    @property
-    def objects(self) -> list:
-        return self.meta["objects"]
-
-    @property
-    def caption(self) -> str:
-        return self.meta["caption"]
-
 
 @dataclass(frozen=True, eq=False)
-class RawSample:
+class RawSample(_MetaAccess):
     """One sample with the image left as the JPEG bytes from the shard (for GPU decoders such as DALI).
 
     jpeg: the KEY.jpg bytes; masks: uint8 numpy array [K, S, S]; meta: the KEY.json object.
@@ -130,14 +136,6 @@ class RawSample:
     jpeg: bytes
     masks: np.ndarray
     meta: dict
-
-    @property
-    def objects(self) -> list:
-        return self.meta["objects"]
-
-    @property
-    def caption(self) -> str:
-        return self.meta["caption"]
 
 
 @dataclass(frozen=True)
