@@ -86,6 +86,63 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """``freeatm eval knn|linear``: accuracy of a saved backbone; writes RUN_DIR/eval_<kind>.json with --run."""
+    import dataclasses
+    from pathlib import Path
+
+    try:
+        import torch
+
+        from freeatm_fast.config import Config, load_config
+        from freeatm_fast.data.shards import atomic_write_bytes
+        from freeatm_fast.eval.export import load_backbone
+        from freeatm_fast.eval.run import evaluate, summary_line
+
+        run_dir = Path(args.run) if args.run else None
+        if run_dir is not None:
+            if not run_dir.is_dir():
+                raise NotADirectoryError(f"--run {run_dir}: not a directory")
+            config_file = run_dir / "config.yaml"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{config_file}: the run directory has no config.yaml")
+            cfg = load_config(config_file)
+        else:
+            cfg = Config()
+        backbone_file = args.backbone or (run_dir / "backbone.safetensors" if run_dir is not None else None)
+        if backbone_file is None:
+            raise ValueError("give --run RUN_DIR, or --backbone FILE (and --model NAME if the file does not name it)")
+        # Command-line settings override the run's eval section; the dataclass re-validates them by dotted name.
+        overrides = {
+            "knn": args.eval_kind == "knn",
+            "linear": args.eval_kind == "linear",
+            "image_size": args.image_size,
+            "crop_ratio": args.crop_ratio,
+            "batch_size": args.batch_size,
+            "max_train_images": args.max_train_images,
+            "knn_k": getattr(args, "k", None),
+            "knn_temperature": getattr(args, "temperature", None),
+            "linear_epochs": getattr(args, "epochs", None),
+            "linear_lr": getattr(args, "lr", None),
+        }
+        eval_cfg = dataclasses.replace(cfg.eval, **{k: v for k, v in overrides.items() if v is not None})
+        data_cfg = cfg.data if args.num_workers is None else dataclasses.replace(cfg.data, num_workers=args.num_workers)
+        cfg = dataclasses.replace(cfg, eval=eval_cfg, data=data_cfg)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        backbone = load_backbone(backbone_file, args.model).to(device)
+        if cfg.model.channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        result = evaluate(backbone, cfg, device=device, train_root=args.train, val_root=args.val)
+        result.update(kind=args.eval_kind, backbone=str(backbone_file), device=str(device))
+        if run_dir is not None:
+            text = json.dumps(result, indent=1) + "\n"
+            atomic_write_bytes(run_dir / f"eval_{args.eval_kind}.json", text.encode("utf-8"))
+    except (ValueError, OSError, ImportError) as exc:  # ConfigError, ShardError, BackboneFileError are ValueErrors
+        return _fail("eval", exc)
+    print(json.dumps(result) if args.json else summary_line(result))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -144,6 +201,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("dir", help="shard directory")
     verify.set_defaults(func=_cmd_verify)
+
+    ev = sub.add_parser(
+        "eval",
+        help="kNN or linear-probe accuracy of a trained backbone",
+        description="Evaluate a backbone on frozen features: weighted kNN or a linear probe, trained on TRAIN and "
+        "scored on VAL (labelled shard directories or ImageFolders; default: the run's eval.train_root / eval.root, "
+        "and the toy world's train / val split when those are empty). Prints one line (or JSON with --json); with "
+        "--run, also writes RUN_DIR/eval_<kind>.json.",
+    )
+    ev_sub = ev.add_subparsers(dest="eval_kind", required=True, metavar="{knn,linear}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run", metavar="RUN_DIR", help="a training run: its config.yaml and backbone.safetensors")
+    common.add_argument("--backbone", metavar="FILE", help="a backbone .safetensors (default: RUN_DIR's)")
+    common.add_argument("--model", metavar="NAME", help="timm model name (default: from the file's metadata)")
+    common.add_argument("--train", metavar="ROOT", help="kNN memory bank / probe training set")
+    common.add_argument("--val", metavar="ROOT", help="the labelled set scored")
+    common.add_argument("--image-size", type=_positive_int, metavar="N", help="crop side (default: eval/data config)")
+    common.add_argument("--crop-ratio", type=float, metavar="R", help="resize to N/R then centre-crop N (default 1.0)")
+    common.add_argument("--batch-size", type=_positive_int, metavar="N", help="feature-extraction batch")
+    common.add_argument("--max-train-images", type=int, metavar="N", help="cap on the training set (0 = all)")
+    common.add_argument("--num-workers", type=int, metavar="N", help="data-loader workers (default: data config)")
+    common.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: cuda when available)")
+    common.add_argument("--json", action="store_true", help="print the full result as JSON")
+    knn = ev_sub.add_parser("knn", parents=[common], help="weighted kNN accuracy (InstDisc / MoCo protocol)")
+    knn.add_argument("--k", type=_positive_int, metavar="K", help="neighbours (default: eval.knn_k)")
+    knn.add_argument("--temperature", type=float, metavar="T", help="vote weight exp(sim/T) (default: eval config)")
+    knn.set_defaults(func=_cmd_eval)
+    linear = ev_sub.add_parser("linear", parents=[common], help="linear probe (logistic regression) accuracy")
+    linear.add_argument("--epochs", type=_positive_int, help="default: eval.linear_epochs")
+    linear.add_argument("--lr", type=float, help="default: eval.linear_lr")
+    linear.set_defaults(func=_cmd_eval)
     return parser
 
 

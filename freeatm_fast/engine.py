@@ -462,21 +462,18 @@ class _gathered:
 
 def _evaluate(cfg: Config, backbone_path: Path, device: torch.device, log: _Log) -> dict:
     from freeatm_fast.eval.export import load_backbone
-    from freeatm_fast.eval.run import evaluate
+    from freeatm_fast.eval.run import evaluate, summary_line
 
     backbone = load_backbone(backbone_path).to(device)
-    t0 = time.perf_counter()
     result = evaluate(backbone, cfg, device=device)
-    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["backbone"] = str(backbone_path)
+    log.info(summary_line(result))
     for kind in ("knn", "linear"):
         if kind in result:
             r = result[kind]
-            log.info(
-                f"{kind} accuracy: top-1 {100 * r['top1']:.2f}%"
-                + (f", top-5 {100 * r['top5']:.2f}%" if "top5" in r else "")
-                + f" ({r.get('n_train', '?')} train / {r.get('n_val', '?')} val images)"
-            )
-            _write_json(Path(cfg.train.out_dir) / f"eval_{kind}.json", r)
+            log.info(f"{kind} accuracy: {100 * r['top1']:.2f}% top-1 (chance {100 / result['num_classes']:.1f}%)")
+            # the same file the `freeatm eval` command writes: the whole result
+            _write_json(Path(cfg.train.out_dir) / f"eval_{kind}.json", result)
     return result
 
 
