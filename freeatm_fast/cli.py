@@ -14,6 +14,12 @@ import sys
 import traceback
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from freeatm_fast.train import main as train_main
+
+    return train_main((["--config", args.config] if args.config else []) + list(args.overrides))
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from freeatm_kernels.info import main as info_main
 
@@ -201,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("dir", help="shard directory")
     verify.set_defaults(func=_cmd_verify)
+
+    tr = sub.add_parser(
+        "train",
+        help="pretrain (same as `python freeatm_fast/train.py`; use `deepspeed`/`torchrun` on that script for "
+        "several processes)",
+    )
+    tr.add_argument("--config", default=None, help="a shipped config NAME or a YAML path (default mocov2_freeatm)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser(
         "eval",

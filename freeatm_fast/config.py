@@ -144,7 +144,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     warmup_steps: int = 10
     clip_grad: float = 0.0  # 0 = off
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision by torch.autocast; weights stay fp32)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end

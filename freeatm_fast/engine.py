@@ -102,9 +102,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
     }
+    if t.precision != "fp32":
+        # Mixed precision through torch.autocast: weights (and so the momentum encoders' EMA) stay fp32, convs and
+        # matmuls run in bf16/fp16; DeepSpeed adds a GradScaler for fp16. (DeepSpeed's "bf16" mode would cast the
+        # whole module, and an EMA step of 1% is mostly rounded away in bf16 weights.)
+        ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[t.precision]}
     if t.clip_grad > 0:
         ds["gradient_clipping"] = t.clip_grad
     return _merge_dicts(ds, cfg.deepspeed.extra)
@@ -303,7 +306,7 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=method, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dist.world_size)
     )
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+    dtype = torch.float32  # inputs stay fp32; autocast (bf16/fp16) casts inside the ops
 
     start_step = 0
     if resume_tag is not None:

@@ -103,7 +103,9 @@ def test_deepspeed_config_generated():
     cfg = load_config("simclr", ["deepspeed.zero_stage=2", "train.precision=bf16", "train.clip_grad=1.0"])
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 4 * cfg.train.batch_size
-    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # fp32 weights, bf16 compute
+    assert "torch_autocast" not in deepspeed_config(load_config("simclr"), 1)
     assert ds["gradient_clipping"] == 1.0
     extra = load_config("mocov2", ['deepspeed.extra={"zero_optimization": {"overlap_comm": true}}'])
     assert deepspeed_config(extra, 1)["zero_optimization"] == {"stage": 0, "overlap_comm": True}
