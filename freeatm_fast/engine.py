@@ -385,6 +385,8 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         if t.checkpoint and t.ckpt_every and step % t.ckpt_every == 0 and step < stop:
             save(step)
     train_time = time.perf_counter() - run_start
+    if hasattr(loader, "close"):
+        loader.close()  # persistent workers would otherwise live until garbage collection
     if t.checkpoint and (step > start_step or resume_tag is None):
         save(step)
     replicas = _replicas_identical(method, cfg.deepspeed.zero_stage, dist.world_size)
