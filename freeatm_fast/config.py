@@ -91,7 +91,8 @@ class DataConfig:
     masks: str = "data"  # "data": the shard's masks | "kmeans": k-means segments of the image (detcon)
     kmeans_k: int = 4
     crop_scale: tuple = (0.2, 1.0)
-    color_jitter: float = 0.4  # strength (brightness/contrast/saturation; hue = strength / 4)
+    color_jitter: float = 0.4  # strength s: brightness/contrast/saturation factors in [1 - s, 1 + s]
+    hue: float = 0.1  # hue shift in [-hue, hue] turns (0.5 = any hue)
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
@@ -122,6 +123,7 @@ class DataConfig:
         for name in ("min_visible", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "hflip_prob"):
             _unit_interval(getattr(self, name), f"data.{name}")
         _non_negative(self.color_jitter, "data.color_jitter")
+        _check(0 <= self.hue <= 0.5, "data.hue", f"must be in [0, 0.5], got {self.hue!r}")
         for name in ("crop_scale", "local_scale"):
             value = getattr(self, name)
             _check(

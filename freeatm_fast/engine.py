@@ -293,8 +293,9 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
     # identical initial weights on every rank (DeepSpeed also broadcasts them from rank 0)
     _seed_everything(t.seed)
     method = build_method(cfg)
-    if cfg.model.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    # model.channels_last puts the *inputs* in channels_last: cuDNN then picks NHWC convolutions (it follows the
+    # input or the weight). The weights stay contiguous: DeepSpeed broadcasts and flattens parameters as flat
+    # byte views, which channels_last weights cannot give.
     global_batch = t.batch_size * dist.world_size
     lr = scaled_lr(t.lr, global_batch)
     optimizer = build_optimizer(

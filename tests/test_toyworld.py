@@ -132,7 +132,7 @@ def test_cache_built_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("FREEATM_CACHE", str(tmp_path / "cache"))
     cfg = DataConfig(toy_train_images=24, toy_val_images=8, toy_image_size=32, toy_seed=0)
     root = default_toyworld(cfg)
-    assert root == tmp_path / "cache" / "toyworld-v1-32px-24-8-s0"
+    assert root == tmp_path / "cache" / f"toyworld-v{toyworld.TOYWORLD_VERSION}-32px-24-8-s0"
     assert (root / "complete.json").is_file()
     assert read_index(root / "train")["num_samples"] == 24 and read_index(root / "val")["num_samples"] == 8
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")}
@@ -160,3 +160,13 @@ def test_build_speed_1000_images(tmp_path):
     elapsed = time.perf_counter() - start
     print(f"\ntoy world: 1000 images of 64x64 rendered and written in {elapsed:.2f} s ({1000 / elapsed:.0f} images/s)")
     assert read_index(tmp_path / "train")["num_samples"] == 1000
+
+
+def test_main_object_wears_its_class_colour_most_of_the_time():
+    colours = list(toyworld.COLOURS)
+    plans = [toyworld._caption_plan(0, "train", g) for g in range(400)]
+    typical = [p["objects"][0]["colour"] == colours[p["label"] % len(colours)] for p in plans]
+    share = sum(typical) / len(typical)
+    # binomial(400, 0.75): sd 0.022, so +-0.08 is > 3.5 sd
+    assert abs(share - toyworld.TYPICAL_COLOUR_PROB) < 0.08
+    assert all(o["colour"] != p["objects"][0]["colour"] for p in plans for o in p["objects"][1:])

@@ -65,7 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bumped whenever rendering changes, so cached data sets of an older renderer are never reused.
-TOYWORLD_VERSION = 1
+TOYWORLD_VERSION = 2
 CLASSES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -81,6 +81,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS = ("striped", "checkered", "dotted", "gradient", "noisy")
 SPLITS = ("train", "val")
 IMAGES_PER_CAPTION = 4
+# Like real object categories, each class has a typical colour (class i: the i-th colour of COLOURS): the main
+# object wears it with this probability, any other colour otherwise. Distractors take any shape and any colour
+# but the main object's, so a class's colour also shows up on distractors: a representation has to find the
+# main object (and its shape) to classify, while colour alone gets part of the way, as it does on ImageNet.
+TYPICAL_COLOUR_PROB = 0.75
 
 # Object sizes as a share of the image side (the shape's circumscribed diameter).
 _MAIN_SIZE = (0.3, 0.6)
@@ -249,7 +254,11 @@ def _caption_plan(seed: int, split: str, group: int) -> dict:
     rng, _ = _rng(seed, split, _CAPTION_STREAM, group)
     label = int(rng.integers(len(CLASSES)))
     colour_names = list(COLOURS)
-    main_colour = colour_names[int(rng.integers(len(colour_names)))]
+    if rng.random() < TYPICAL_COLOUR_PROB:
+        main_colour = colour_names[label % len(colour_names)]
+    else:
+        atypical = [c for i, c in enumerate(colour_names) if i != label % len(colour_names)]
+        main_colour = atypical[int(rng.integers(len(atypical)))]
     others = [c for c in colour_names if c != main_colour]
     objects = [{"shape": CLASSES[label], "colour": main_colour, "small": False}]
     for _ in range(int(rng.integers(0, 4))):
@@ -402,6 +411,7 @@ def _generator_config(split: str, num_images: int, image_size: int, seed: int, s
         "images_per_caption": IMAGES_PER_CAPTION,
         "classes": list(CLASSES),
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
+        "typical_colour_prob": TYPICAL_COLOUR_PROB,
         "backgrounds": list(BACKGROUNDS),
     }
 
@@ -463,7 +473,7 @@ def cached_toyworld(
 ) -> Path:
     """The toy world with these settings under the cache directory, built on first use; returns its root.
 
-    The directory is named by the settings (``toyworld-v1-64px-4000-1000-s0``) and holds ``train/``, ``val/``
+    The directory is named by the settings (``toyworld-v2-64px-4000-1000-s0``) and holds ``train/``, ``val/``
     and ``complete.json`` once built. An exclusive ``fcntl`` lock on a sibling ``.lock`` file makes processes
     started together (ranks of one job) build it once; the others wait and then reuse it.
     """

@@ -215,17 +215,21 @@ NUM_COLOUR_PARAMS = 12
 @dataclass(frozen=True)
 class ColourAugment:
     """Colour augmentation settings (from ``DataConfig``): jitter strength s gives brightness/contrast/
-    saturation factors in [max(0, 1 - s), 1 + s] and a hue shift in [-s/4, s/4] (fraction of a turn)."""
+    saturation factors in [max(0, 1 - s), 1 + s]; ``hue`` h gives a hue shift in [-h, h] (fraction of a turn;
+    MoCo-v2 / SimCLR use 0.1 with s = 0.4)."""
 
     jitter: float = 0.4
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
     solarize_prob: float = 0.0
+    hue: float = 0.1
 
     @classmethod
     def from_config(cls, data: Any) -> ColourAugment:
-        return cls(data.color_jitter, data.color_jitter_prob, data.grayscale_prob, data.blur_prob, data.solarize_prob)
+        return cls(
+            data.color_jitter, data.color_jitter_prob, data.grayscale_prob, data.blur_prob, data.solarize_prob, data.hue
+        )
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """Parameters of one view of side ``size``: float32 [NUM_COLOUR_PARAMS] (layout: the P_* constants)."""
@@ -234,7 +238,7 @@ class ColourAugment:
         s = self.jitter
         lo = max(0.0, 1.0 - s)
         factors = rng.uniform(lo, 1.0 + s, size=3)
-        hue = rng.uniform(-s / 4, s / 4)
+        hue = rng.uniform(-self.hue, self.hue)
         order = rng.permutation(4)
         sigma = rng.uniform(*BLUR_SIGMA_AT_224) * size / 224
         if u[0] < self.jitter_prob and s > 0:
