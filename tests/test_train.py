@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from freeatm_fast.config import ConfigError, load_config, shipped_configs
 
@@ -86,7 +87,8 @@ def test_backbone_export_loads_in_timm_and_knn_runs(toy_cache, tmp_path):
     from freeatm_fast.engine import train
 
     run = tmp_path / "run"
-    summary = train(_cfg("mocov2_freeatm", run, "eval.knn=true", "eval.knn_k=5"))
+    summary = train(_cfg("mocov2_freeatm", run, "eval.knn=true", "eval.knn_k=5", "train.tensorboard=true"))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     knn = summary["eval"]["knn"]
     assert 0.0 <= knn["top1"] <= 1.0 and knn["n_val"] == 48
     assert json.loads((run / "eval_knn.json").read_text())["knn"]["top1"] == knn["top1"]
@@ -99,6 +101,21 @@ def test_backbone_export_loads_in_timm_and_knn_runs(toy_cache, tmp_path):
         **cfg.model.backbone_kwargs,
     )
     assert model(torch.randn(2, 3, 32, 32)).shape[0] == 2
+
+
+@pytest.mark.parametrize("zero_stage, precision", [(1, "bf16"), (3, "bf16"), (3, "fp32")])
+def test_zero_stages_and_mixed_precision(zero_stage, precision, toy_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    from freeatm_fast.engine import train
+
+    cfg = _cfg("mocov2_freeatm", tmp_path / "run", f"deepspeed.zero_stage={zero_stage}", f"train.precision={precision}")
+    summary = train(cfg)
+    assert summary["steps"] == 3 and all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "run"))
+    # the export gathers ZeRO-3 partitions: full fp32 tensors, not empty shards
+    tensors = load_file(tmp_path / "run" / "backbone.safetensors")
+    floats = [t for t in tensors.values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 and t.numel() > 0 for t in floats)
 
 
 def test_stop_and_resume_matches_uninterrupted_run(toy_cache, tmp_path):
