@@ -320,6 +320,12 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         rng_file = resume_dir / resume_tag / f"rng_rank{dist.rank:05d}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            print(
+                f"[freeatm] rank {dist.rank}: {rng_file} is missing; random state re-seeded, so the resumed run "
+                f"will not repeat the uninterrupted one bit for bit",
+                flush=True,
+            )
     if loader is None:
         loader = build_loader(cfg, rank=dist.rank, world_size=dist.world_size, start_step=start_step)
 
@@ -337,9 +343,16 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
     )
 
     def save(step: int) -> None:
+        # The RNG state goes in first (temporary name, then rename); DeepSpeed writes `latest` last, so a run
+        # killed while saving resumes from the previous complete checkpoint.
         tag = f"step{step:08d}"
+        rng_file = ckpt_dir / tag / f"rng_rank{dist.rank:05d}.pt"
+        rng_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = rng_file.with_name(f".{rng_file.name}.tmp-{os.getpid()}")
+        torch.save(_rng_state(), tmp)
+        os.replace(tmp, rng_file)
+        torch.distributed.barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
-        torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank:05d}.pt")
         torch.distributed.barrier()
 
     stop = t.max_steps if t.stop_at <= 0 else min(t.max_steps, t.stop_at)
