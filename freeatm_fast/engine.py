@@ -199,13 +199,14 @@ def _latest_tag(ckpt_dir: Path) -> str | None:
 class _Log:
     """Rank-0 console, metrics.jsonl and TensorBoard output."""
 
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, *, resumed: bool):
         self.enabled = enabled
         self.tb = None
         self.metrics = None
         if not enabled:
             return
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        # a resumed run continues the file; a fresh start (also train.resume=none) replaces it
+        self.metrics = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
         if cfg.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -288,7 +289,7 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         check_resumable(load_config(run_dir / "config.yaml"), cfg)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    log = _Log(cfg, run_dir, dist.is_main)
+    log = _Log(cfg, run_dir, dist.is_main, resumed=resume_tag is not None)
 
     # identical initial weights on every rank (DeepSpeed also broadcasts them from rank 0)
     _seed_everything(t.seed)

@@ -141,6 +141,15 @@ def test_resume_refuses_changed_settings(toy_cache, tmp_path):
         train(_cfg("mocov2", tmp_path / "run", "train.lr=0.5"))
 
 
+def test_resume_none_starts_over(toy_cache, tmp_path):
+    from freeatm_fast.engine import train
+
+    train(_cfg("mocov2", tmp_path / "run", "train.stop_at=2"))
+    summary = train(_cfg("mocov2", tmp_path / "run", "train.resume=none"))
+    assert summary["steps"] == 3
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]  # not 1, 2, 1, 2, 3
+
+
 def _corrupt_one_image(src_dir: Path, dst_dir: Path) -> tuple[str, str]:
     """Copy a shard directory, garbling the JPEG of the third sample of the first shard; return (shard, key)."""
     import shutil
