@@ -239,8 +239,8 @@ def test_dataset_truncated_shard(corrupt, tmp_path):
     ds = ShardDataset([tmp_path / "cut.tar"], skip_bad=True)
     assert len(ds.bad_shards) == 1 and 0 < len(ds) < 12
     assert ds[0].key == "000000000"
-    with pytest.raises(ShardError, match="cut.tar"):  # the last indexed sample runs past the end of the file
-        ds.read(len(ds) - 1)
+    # the sample the cut runs through is not indexed (the scan stops at the damage); the ones before it read fine
+    assert ds.read(len(ds) - 1).key == f"{len(ds) - 1:09d}"
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -33,6 +33,7 @@ from freeatm_fast.data.shards import (
     Sample,
     ShardError,
     _build_sample,
+    _iter_groups,
     _sample_problem,
     scan_shards,
 )
@@ -67,60 +68,18 @@ def _scan(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict[int, str]
     sizes: list[list[int]] = []
     problems: dict[int, str] = {}
     damage = None
-    current: str | None = None
-    members: dict = {}
-    notes: list[str] = []
-    seen: set[str] = set()
-
-    def close_group() -> None:
-        if current is None:
-            return
-        row = len(keys)
-        keys.append(current)
-        offsets.append([members.get(ext, (-1, 0))[0] for ext in MEMBERS])
-        sizes.append([members.get(ext, (-1, 0))[1] for ext in MEMBERS])
-        problem = _sample_problem(current, members, notes)
-        if problem:
-            problems[row] = problem
-
-    with open(path, "rb") as f:
-        try:
-            tf = tarfile.open(fileobj=f, mode="r:")
-        except (tarfile.TarError, EOFError) as exc:
-            raise ShardError(f"{path}: not a readable tar file ({exc})") from exc
-        count = 0
-        while True:
-            try:
-                info = tf.next()
-            except (tarfile.TarError, EOFError) as exc:
-                damage = f"{path}: tar is truncated or corrupt after {count} members ({exc})"
-                break
-            if info is None:
-                f.seek(tf.offset)
-                tail = f.read(_END_OF_ARCHIVE)
-                if len(tail) < _END_OF_ARCHIVE or tail.count(0) != _END_OF_ARCHIVE:
-                    what = "cut short (no end-of-archive blocks)" if len(tail) < _END_OF_ARCHIVE else "corrupt header"
-                    damage = f"{path}: tar is {what} at byte {tf.offset} after {count} members"
-                break
-            count += 1
-            tf.members.clear()  # tarfile keeps every header otherwise
-            key, dot, ext = info.name.partition(".")
-            ext = ext if dot else ""
-            if key != current:
-                close_group()
-                current, members, notes = key, {}, []
-                if key in seen:
-                    notes.append("key appears again later in the shard (duplicate key or non-contiguous members)")
-                seen.add(key)
-            if not info.isfile():
-                notes.append(f"member {info.name!r} is not a regular file")
-            elif ext not in _MEMBER_SLOT:
-                notes.append(f"unexpected member {info.name!r} (expected suffixes {list(MEMBERS)})")
-            elif ext in members:
-                notes.append(f"member {info.name!r} appears twice")
-            else:
-                members[ext] = (info.offset_data, info.size)
-    close_group()
+    try:
+        # the same grouping and structural checks as ShardReader; damage to the tar ends the index there
+        for key, members, notes in _iter_groups(path, read_data=False):
+            row = len(keys)
+            keys.append(key)
+            offsets.append([members.get(ext, (-1, 0))[0] for ext in MEMBERS])
+            sizes.append([members.get(ext, (-1, 0))[1] for ext in MEMBERS])
+            problem = _sample_problem(key, members, notes)
+            if problem:
+                problems[row] = problem
+    except ShardError as exc:
+        damage = str(exc)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, len(MEMBERS))
     siz = np.asarray(sizes, dtype=np.int64).reshape(-1, len(MEMBERS))
     return keys, off, siz, problems, damage

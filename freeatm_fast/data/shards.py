@@ -520,7 +520,8 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def _iter_groups(path: Path, read_data: bool) -> Iterator[tuple[str, dict, list[str]]]:
-    """Yield (key, {suffix: bytes or size}, problems) for each run of contiguous members sharing a key.
+    """Yield (key, {suffix: bytes, or (data offset, size) without read_data}, problems) for each run of
+    contiguous members sharing a key.
 
     Raises ShardError for damage to the tar itself: unreadable, cut short, or a corrupt header (tarfile
     stops silently at a bad header or at a cut between members, so the end-of-archive blocks are checked).
@@ -566,7 +567,7 @@ def _iter_groups(path: Path, read_data: bool) -> Iterator[tuple[str, dict, list[
                 except (tarfile.TarError, EOFError) as exc:
                     raise ShardError(f"{path}: tar is truncated inside member {name!r} ({exc})") from exc
             else:
-                members[ext] = info.size
+                members[ext] = (info.offset_data, info.size)
         f.seek(tf.offset)
         tail = f.read(_END_OF_ARCHIVE)
         if len(tail) < _END_OF_ARCHIVE or tail.count(0) != _END_OF_ARCHIVE:

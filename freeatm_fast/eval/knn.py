@@ -14,7 +14,8 @@ import torch.nn.functional as F
 __all__ = ["knn_accuracy", "knn_predict"]
 
 
-def _check(train_feats, train_labels, val_feats, val_labels) -> None:
+def check_features(train_feats, train_labels, val_feats, val_labels) -> None:
+    """Raise ValueError unless features are [N, C] / [M, C] with labels [N] / [M], both sets non-empty."""
     if train_feats.ndim != 2 or val_feats.ndim != 2 or train_feats.shape[1] != val_feats.shape[1]:
         raise ValueError(
             f"features must be [N, C] and [M, C] with the same C, got {list(train_feats.shape)} and "
@@ -78,7 +79,7 @@ def knn_accuracy(
     Returns ``{"top1", "top5" (only with >= 5 classes), "k", "n_train", "n_val"}``, accuracies as fractions in
     [0, 1] (one host sync at the end). A vote tie goes to the lower class index.
     """
-    _check(train_feats, train_labels, val_feats, val_labels)
+    check_features(train_feats, train_labels, val_feats, val_labels)
     if k < 1 or temperature <= 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got k={k!r}, temperature={temperature!r}")
     val_labels = val_labels.to(train_feats.device, torch.int64)

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from freeatm_fast.eval.knn import check_features
+
 __all__ = ["linear_probe"]
 
 
@@ -53,16 +55,7 @@ def linear_probe(
     Returns ``{"top1", "top5" (only with >= 5 classes), "train_top1", "epochs", "n_train", "n_val"}``,
     accuracies as fractions in [0, 1].
     """
-    if train_feats.ndim != 2 or val_feats.ndim != 2 or train_feats.shape[1] != val_feats.shape[1]:
-        raise ValueError(
-            f"features must be [N, C] and [M, C] with the same C, got {list(train_feats.shape)} and "
-            f"{list(val_feats.shape)}"
-        )
-    if train_labels.shape != (train_feats.shape[0],) or val_labels.shape != (val_feats.shape[0],):
-        raise ValueError(
-            f"labels must be [N] and [M] matching the features, got {list(train_labels.shape)} and "
-            f"{list(val_labels.shape)}"
-        )
+    check_features(train_feats, train_labels, val_feats, val_labels)
     if solver not in ("sgd", "lbfgs"):
         raise ValueError(f"solver must be 'sgd' or 'lbfgs', got {solver!r}")
     if epochs < 1 or lr <= 0 or weight_decay < 0 or batch_size < 1:
