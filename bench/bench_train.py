@@ -74,11 +74,11 @@ class FixedBatchLoader:
 
 def _first_batch(cfg, device: torch.device):
     from freeatm_fast.data.loader import build_loader
-    from freeatm_fast.engine import _to_device
+    from freeatm_fast.engine import to_device
 
     loader = build_loader(cfg)
     batch = next(iter(loader))
-    return _to_device(batch, device, torch.float32, cfg.model.channels_last), loader.dataset
+    return to_device(batch, device, cfg.model.channels_last), loader.dataset
 
 
 def run_method(run: BenchRun, name: str, overrides: list[str], data_mode: str, steps: int, window: int) -> dict:

@@ -168,16 +168,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype, channels_last: bool) -> dict:
-    """Move a loader batch to the device; float image tensors go to the model dtype (and channels_last)."""
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    """Move a loader batch to the device (non-blocking); 4-d float tensors (images) become channels_last when asked.
+    Inputs stay fp32: with bf16/fp16, autocast casts inside the ops."""
 
     def move(x):
         if isinstance(x, torch.Tensor):
             x = x.to(device, non_blocking=True)
-            if x.is_floating_point():
-                x = x.to(dtype)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            if channels_last and x.is_floating_point() and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             return x
         if isinstance(x, (list, tuple)):
             return type(x)(move(v) for v in x)
@@ -308,7 +307,6 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=method, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dist.world_size)
     )
-    dtype = torch.float32  # inputs stay fp32; autocast (bf16/fp16) casts inside the ops
 
     start_step = 0
     if resume_tag is not None:
@@ -370,7 +368,7 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         t0 = time.perf_counter()
         batch = next(it)
         data_wait += time.perf_counter() - t0
-        batch = _to_device(batch, dist.device, dtype, cfg.model.channels_last)
+        batch = to_device(batch, dist.device, cfg.model.channels_last)
         out = engine(batch)
         engine.backward(out["loss"])
         engine.step()
