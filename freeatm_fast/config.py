@@ -79,11 +79,18 @@ class DataConfig:
 
     # a shard directory (with index.json); "" = the toy world, built on first use and cached
     root: str = ""
-    loader: str = "torch"  # "torch" (reference) | "dali" (#5)
+    loader: str = "torch"  # "torch" (reference) | "dali" (data/dali.py: DALI decodes and augments)
+    # DALI: "auto" decodes on the training GPU (nvJPEG, device="mixed") when CUDA is present, else on the CPU;
+    # "cpu" / "gpu" force one (gpu needs CUDA)
+    dali_device: str = "auto"
+    dali_threads: int = 0  # DALI worker threads per rank; 0 = the usable CPU cores / local ranks (at most 16)
+    dali_prefetch: int = 2  # batches DALI prepares ahead of the one being trained on
     image_size: int = 64  # side of the (global) crops fed to the network
     # two: two views per image; multicrop: data.global_crops x image_size + data.local_crops x data.local_size;
     # caption_group: data.group_size images of one caption, one view each (stablerep)
+    # single: one view + warped masks + patch importance (MAE); vlp: one view + caption + boxes (BLIP / ViLT)
     views: str = "two"
+    patch_size: int = 16  # data.views=single: importance per patch of a ViT with this patch size
     instance_views: bool = False  # pick an object and keep >= min_visible of it in both crops (Free-ATM)
     min_visible: float = 0.5
     max_objects: int = 4  # K: masks per sample in a batch (padded, with a validity flag)
@@ -113,8 +120,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.loader, ("torch", "dali"), "data.loader")
-        _one_of(self.views, ("two", "multicrop", "caption_group"), "data.views")
+        _one_of(self.views, ("two", "multicrop", "caption_group", "single", "vlp"), "data.views")
         _one_of(self.masks, ("data", "kmeans"), "data.masks")
+        _one_of(self.dali_device, ("auto", "cpu", "gpu"), "data.dali_device")
+        _non_negative(self.dali_threads, "data.dali_threads")
+        _positive(self.dali_prefetch, "data.dali_prefetch")
+        _positive(self.patch_size, "data.patch_size")
+        if self.views == "single":
+            _check(
+                self.image_size % self.patch_size == 0,
+                "data.patch_size",
+                f"must divide data.image_size={self.image_size}, got {self.patch_size}",
+            )
         for name in ("image_size", "max_objects", "mask_size", "kmeans_k", "global_crops", "local_size", "group_size"):
             _positive(getattr(self, name), f"data.{name}")
         for name in ("local_crops", "num_workers", "toy_train_images", "toy_val_images", "toy_seed"):

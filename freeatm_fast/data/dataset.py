@@ -30,6 +30,7 @@ from freeatm_fast.data.shards import (
     MEMBERS,
     SHARD_SUFFIX,
     BadShard,
+    RawSample,
     Sample,
     ShardError,
     _build_sample,
@@ -38,7 +39,7 @@ from freeatm_fast.data.shards import (
     scan_shards,
 )
 
-__all__ = ["LabeledSample", "ShardDataset"]
+__all__ = ["LabeledRawSample", "LabeledSample", "ShardDataset"]
 
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
 _MEMBER_SLOT = {ext: j for j, ext in enumerate(MEMBERS)}  # jpg 0, masks.u8 1, json 2
@@ -54,6 +55,20 @@ class LabeledSample(Sample):
 
     index: int
     label: int
+
+
+@dataclass(frozen=True, eq=False)
+class LabeledRawSample(RawSample):
+    """A ``RawSample`` (key, jpeg bytes, masks uint8 [K, S, S], meta) with ``index`` and ``label``: what the DALI
+    loader reads (the JPEG is decoded by DALI; only its header was parsed, to check the size)."""
+
+    index: int
+    label: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H) of the image (checked against the JPEG header)."""
+        return (int(self.meta["size"][0]), int(self.meta["size"][1]))
 
 
 def _scan(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict[int, str], str | None]:
@@ -212,6 +227,9 @@ class ShardDataset(torch.utils.data.Dataset):
         self._sizes = np.concatenate(sizes)
         self.skipped = 0
         self.skipped_keys: list[str] = []
+        # sample index -> why it is bad, for samples that pass the shard checks but that a decoder downstream
+        # (DALI) could not decode: read() then treats them like any other bad sample
+        self.known_bad: dict[int, str] = {}
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -277,32 +295,44 @@ class ShardDataset(torch.utils.data.Dataset):
         spans = zip(wanted, offs.tolist(), sizes.tolist(), strict=True)
         return {ext: data[o - start : o - start + s] for ext, o, s in spans}
 
-    def read(self, i: int) -> LabeledSample:
-        """Decode and validate sample i; raises ShardError naming the shard and key when it is bad."""
+    def read(self, i: int, *, raw: bool = False) -> LabeledSample | LabeledRawSample:
+        """Decode and validate sample i; raises ShardError naming the shard and key when it is bad.
+
+        ``raw=True``: leave the image as JPEG bytes (only its header is parsed) -> :class:`LabeledRawSample`;
+        an index in ``known_bad`` (found undecodable by a later decoder, e.g. DALI's) raises ShardError."""
         i = self._check_index(i)
         path = self.shards[int(self._shard_of[i])]
         key = self.keys[i]
         problem = self._problems.get(i)
         if problem:
             raise ShardError(f"{path}: sample {key!r}: {problem}")
-        sample = _build_sample(path, key, self._read_members(i, MEMBERS), [], decode=True)
+        if i in self.known_bad:
+            raise ShardError(f"{path}: sample {key!r}: {self.known_bad[i]}")
+        sample = _build_sample(path, key, self._read_members(i, MEMBERS), [], decode=not raw)
         label = sample.meta.get("label", -1)
         if isinstance(label, bool) or not isinstance(label, int) or label < -1:
             raise ShardError(f"{path}: sample {key!r}: field 'label' must be an int >= 0 (or -1), got {label!r}")
+        if raw:
+            return LabeledRawSample(key, sample.jpeg, sample.masks, sample.meta, index=i, label=label)
         return LabeledSample(key, sample.image, sample.masks, sample.meta, index=i, label=label)
 
-    def __getitem__(self, i: int) -> LabeledSample:
+    def get(self, i: int, *, raw: bool = False) -> LabeledSample | LabeledRawSample:
+        """``ds[i]`` (``raw=False``) or its JPEG-bytes form (``raw=True``), with the ``skip_bad`` substitution:
+        a bad sample is replaced by the next good one (i+1, i+2, ... mod n) and counted."""
         i = self._check_index(i)
         if not self.skip_bad:
-            return self.read(i)
+            return self.read(i, raw=raw)
         n = len(self.keys)
         for j in range(n):
             try:
-                return self.read((i + j) % n)
+                return self.read((i + j) % n, raw=raw)
             except ShardError:
                 self.skipped += 1
                 self.skipped_keys.append(self.keys[(i + j) % n])
         raise ShardError(f"all {n} samples of {[str(p) for p in self.shards]} are bad (skip_bad=True)")
+
+    def __getitem__(self, i: int) -> LabeledSample:
+        return self.get(i)
 
     def meta(self, i: int) -> dict:
         """The KEY.json object of sample i, without decoding the image (ShardError when it is not valid JSON)."""

@@ -126,14 +126,26 @@ class EpochBatchSampler:
 
 
 class _ViewDataset(torch.utils.data.Dataset):
-    """``(epoch, item)`` -> the per-sample arrays of one item, with the item's own RNG (seed, epoch, item)."""
+    """``(epoch, item)`` -> the per-sample arrays of one item, with the item's own RNG (seed, epoch, item).
 
-    def __init__(self, shards: ShardDataset, maker: Any, seed: int, groups: list[np.ndarray] | None, group_size: int):
+    ``raw=True`` (the DALI loader): the samples keep their JPEG bytes and the item is the view maker's
+    ``plan`` (the same random decisions, no pixels) plus ``jpeg`` (bytes, or a list of them for a group)."""
+
+    def __init__(
+        self,
+        shards: ShardDataset,
+        maker: Any,
+        seed: int,
+        groups: list[np.ndarray] | None,
+        group_size: int,
+        raw: bool = False,
+    ):
         self.shards = shards
         self.maker = maker
         self.seed = int(seed)
         self.groups = groups
         self.group_size = int(group_size)
+        self.raw = bool(raw)
 
     def __len__(self) -> int:
         return len(self.groups) if self.groups is not None else len(self.shards)
@@ -142,10 +154,16 @@ class _ViewDataset(torch.utils.data.Dataset):
         epoch, item = key
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, _AUG_STREAM, epoch, item]))
         if self.groups is None:
-            return self.maker(self.shards[item], rng)
+            sample = self.shards.get(item, raw=self.raw)
+            if not self.raw:
+                return self.maker(sample, rng)
+            return {**self.maker.plan(sample, rng), "jpeg": sample.jpeg}
         members = self.groups[item]
         picks = rng.choice(members, size=self.group_size, replace=len(members) < self.group_size)
-        return self.maker([self.shards[int(i)] for i in picks], rng, item)
+        samples = [self.shards.get(int(i), raw=self.raw) for i in picks]
+        if not self.raw:
+            return self.maker(samples, rng, item)
+        return {**self.maker.plan(samples, rng, item), "jpeg": [s.jpeg for s in samples]}
 
 
 class TrainLoader:
@@ -190,11 +208,12 @@ class TrainLoader:
 
 
 def build_loader(cfg: Any, *, rank: int = 0, world_size: int = 1, start_step: int = 0, split: str = "train"):
-    """The training loader of ``cfg`` (a Config) for this rank, starting at global batch ``start_step``."""
+    """The training loader of ``cfg`` (a Config) for this rank, starting at global batch ``start_step``:
+    :class:`TrainLoader` (``data.loader=torch``) or ``dali.DaliLoader`` (``data.loader=dali``), which yield
+    the same batch dicts (the DALI one with its tensors already on the training device when it decodes on
+    the GPU)."""
     d = cfg.data
-    if d.loader == "dali":
-        raise NotImplementedError("data.loader=dali lands with issue #5; use data.loader=torch")
-    if d.loader != "torch":
+    if d.loader not in ("torch", "dali"):
         raise ValueError(f"data.loader must be 'torch' or 'dali', got {d.loader!r}")
     if d.views == "two" and d.masks == "kmeans" and d.kmeans_k > d.max_objects:
         raise ValueError(
@@ -203,6 +222,10 @@ def build_loader(cfg: Any, *, rank: int = 0, world_size: int = 1, start_step: in
         )
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if d.loader == "dali":
+        from freeatm_fast.data.dali import build_dali_loader
+
+        return build_dali_loader(cfg, rank=rank, world_size=world_size, start_step=start_step, split=split)
     root = resolve_root(cfg, split)
     shards = ShardDataset(root, skip_bad=d.skip_bad)
     maker = build_view_maker(cfg)

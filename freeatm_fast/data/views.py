@@ -36,13 +36,21 @@ __all__ = [
     "CaptionGroup",
     "ColourAugment",
     "MultiCrop",
+    "SingleView",
     "TwoViews",
+    "VLPView",
     "build_view_maker",
     "colour_augment",
     "crop_resize",
     "instance_crops",
     "kmeans_masks",
+    "mask_box",
+    "patch_importance",
     "random_resized_crop",
+    "sample_pixels",
+    "sample_size",
+    "valid_objects",
+    "view_boxes",
     "visible_fraction",
     "warp_masks",
 ]
@@ -410,11 +418,72 @@ def kmeans_masks(
 
 
 # --------------------------------------------------------------------------------------------------
-# View makers: sample -> per-sample arrays (in a worker); list of those -> batch dict (collate, in a worker)
+# View makers. Each has ``plan`` (sample + RNG -> every random decision: crop boxes, flips, colour parameters,
+# the picked object; no pixels touched except for k-means masks) and ``__call__`` (plan + the pixel work, for
+# the torch loader) and ``collate`` (per-sample dicts -> the batch). The DALI loader (dali.py) runs the same
+# ``plan`` on the JPEG bytes' samples and does the pixel work in its pipeline, so both loaders draw the same
+# random numbers for the same (seed, epoch, item).
 
 
 def _stack_views(items: list[dict], field: str) -> torch.Tensor:
     return torch.from_numpy(np.stack([it[field] for it in items]))
+
+
+def sample_size(sample: Any) -> tuple[int, int]:
+    """(W, H) of a LabeledSample (PIL image) or LabeledRawSample (JPEG bytes + meta size)."""
+    image = getattr(sample, "image", None)
+    return image.size if image is not None else sample.size
+
+
+def sample_pixels(sample: Any) -> np.ndarray:
+    """uint8 [H, W, 3] pixels of a decoded or raw sample (a raw one is decoded here with PIL)."""
+    image = getattr(sample, "image", None)
+    if image is None:
+        import io
+
+        image = Image.open(io.BytesIO(sample.jpeg))
+        image = image if image.mode == "RGB" else image.convert("RGB")
+    return np.asarray(image)
+
+
+def mask_box(box: np.ndarray, image_size: tuple[int, int], mask_shape: tuple[int, int]) -> np.ndarray:
+    """An image-pixel crop box scaled to a mask of ``mask_shape`` = (Hm, Wm) covering the same image."""
+    sx, sy = mask_shape[1] / image_size[0], mask_shape[0] / image_size[1]
+    return np.asarray(box, dtype=np.float64) * np.array([sx, sy, sx, sy])
+
+
+def valid_objects(masks: torch.Tensor, count: torch.Tensor, min_mass: float) -> torch.Tensor:
+    """Object validity from warped masks: bool [B, K], object k < count[b] and mean(mask)/255 >= min_mass in
+    every view. masks: uint8 [B, V, K, M, M] (V views) on any device; count: int64 [B]. Exact integer sums,
+    then the same float64 divisions as numpy's mean, so both loaders agree bit for bit on equal masks."""
+    b, v, k = masks.shape[:3]
+    mass = masks.reshape(b, v, k, -1).sum(-1, dtype=torch.int64).double() / masks[0, 0, 0].numel() / 255
+    ok = (mass >= min_mass).all(1)
+    return ok & (torch.arange(k, device=masks.device)[None] < count.to(masks.device)[:, None])
+
+
+def patch_importance(masks: torch.Tensor, grid: int) -> torch.Tensor:
+    """Patch importance (DESIGN §4, MAE): mean over each patch of the union (max over objects) of the soft
+    masks, float32 [B, grid*grid] in [0, 1], patches in row-major order as timm's ViT patch embedding.
+    masks: uint8 [B, K, M, M] warped to the view; area averaging (exact when M is a multiple of grid)."""
+    if masks.shape[1] == 0:
+        return torch.zeros(masks.shape[0], grid * grid, device=masks.device)
+    union = masks.amax(1, keepdim=True).float().div_(255)
+    return F.adaptive_avg_pool2d(union, grid).flatten(1)
+
+
+def view_boxes(boxes: np.ndarray, crop: np.ndarray, flip: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Object boxes (x0, y0, x1, y1) in source-image pixels -> the same boxes in a view of side ``size`` made
+    by cropping ``crop`` and mirroring when ``flip``; clipped to the view. Returns (float32 [K, 4], valid
+    bool [K]: the clipped box is at least 1 px wide and high)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    sx, sy = size / (crop[2] - crop[0]), size / (crop[3] - crop[1])
+    x0, x1 = (np.clip((b[:, c] - crop[0]) * sx, 0, size) for c in (0, 2))
+    y0, y1 = (np.clip((b[:, c] - crop[1]) * sy, 0, size) for c in (1, 3))
+    if flip:
+        x0, x1 = size - x1, size - x0
+    out = np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+    return out, (x1 - x0 >= 1) & (y1 - y0 >= 1)
 
 
 class TwoViews:
@@ -425,18 +494,21 @@ class TwoViews:
     ``data.instance_views``: one object picked uniformly among those with a non-empty mask keeps
     >= ``data.min_visible`` of its area in each crop); flips; colour parameters."""
 
+    num_views = 2
+
     def __init__(self, data: Any, min_mass: float = 0.01):
         self.data = data
         self.min_mass = float(min_mass)
         self.colour = ColourAugment.from_config(data)
 
-    def __call__(self, sample: Any, rng: np.random.Generator) -> dict:
+    def plan(self, sample: Any, rng: np.random.Generator) -> dict:
+        """The random decisions for one sample: masks uint8 [k, Hm, Wm] (k <= K), boxes float64 [2, 4] in image
+        pixels, flips bool [2], colour float32 [2, P], obj (picked object or -1), size (W, H)."""
         d = self.data
-        image = sample.image
-        width, height = image.size
+        width, height = sample_size(sample)
         kmax = d.max_objects
         if d.masks == "kmeans":
-            masks = kmeans_masks(np.asarray(image), d.kmeans_k, rng)[:kmax]
+            masks = kmeans_masks(sample_pixels(sample), d.kmeans_k, rng)[:kmax]
         else:
             masks = sample.masks[:kmax]
         k = len(masks)
@@ -450,22 +522,34 @@ class TwoViews:
         else:
             boxes = np.stack([random_resized_crop(rng, width, height, d.crop_scale) for _ in range(2)])
         flips = rng.random(2) < d.hflip_prob
-        views = np.stack([crop_resize(image, boxes[v], d.image_size, bool(flips[v])) for v in range(2)])
-        warped = np.zeros((2, kmax, d.mask_size, d.mask_size), dtype=np.uint8)
-        for v in range(2):
-            warped[v, :k] = warp_masks(masks, boxes[v], (width, height), bool(flips[v]), d.mask_size)
         colour = np.stack([self.colour.sample(rng, d.image_size) for _ in range(2)])
-        mass = warped.reshape(2, kmax, -1).mean(-1, dtype=np.float64) / 255
-        valid = (mass >= self.min_mass).all(0)
-        valid[k:] = False
         return {
             "index": sample.index,
             "label": sample.label,
+            "masks": masks,
+            "boxes": boxes,
+            "flips": flips,
+            "colour": colour,
+            "obj": obj,
+            "size": (width, height),
+        }
+
+    def __call__(self, sample: Any, rng: np.random.Generator) -> dict:
+        d = self.data
+        p = self.plan(sample, rng)
+        boxes, flips, masks = p["boxes"], p["flips"], p["masks"]
+        views = np.stack([crop_resize(sample.image, boxes[v], d.image_size, bool(flips[v])) for v in range(2)])
+        warped = np.zeros((2, d.max_objects, d.mask_size, d.mask_size), dtype=np.uint8)
+        for v in range(2):
+            warped[v, : len(masks)] = warp_masks(masks, boxes[v], p["size"], bool(flips[v]), d.mask_size)
+        return {
+            "index": p["index"],
+            "label": p["label"],
             "views": views,
             "masks": warped,
-            "valid": valid,
-            "obj": obj,
-            "colour": colour,
+            "count": len(masks),
+            "obj": p["obj"],
+            "colour": p["colour"],
         }
 
     def collate(self, items: list[dict]) -> dict:
@@ -477,6 +561,7 @@ class TwoViews:
         s = views.shape[2]
         x = colour_augment(views.reshape(b * 2, s, s, 3), colour.reshape(b * 2, -1)).reshape(b, 2, 3, s, s)
         masks = _stack_views(items, "masks")  # [B, 2, K, M, M]
+        count = torch.tensor([it["count"] for it in items], dtype=torch.int64)
         return {
             "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
@@ -484,8 +569,126 @@ class TwoViews:
             "view2": x[:, 1].contiguous(),
             "masks1": masks[:, 0].contiguous(),
             "masks2": masks[:, 1].contiguous(),
-            "valid": _stack_views(items, "valid"),
+            "valid": valid_objects(masks, count, self.min_mass),
             "obj": torch.tensor([it["obj"] for it in items], dtype=torch.int64),
+        }
+
+
+class SingleView:
+    """``data.views=single`` (MAE): one view (RandomResizedCrop with ``data.crop_scale``, flip, colour from the
+    config: MAE's recipe sets the colour probabilities to 0), its warped masks and the patch importance.
+
+    Batch: image float32 [B,3,S,S], masks uint8 [B,K,M,M], valid bool [B,K] (object exists and covers
+    >= freeatm.min_mass of the view), importance float32 [B,L] (:func:`patch_importance`, L = (S/P)^2 for
+    P = ``data.patch_size``), index/label int64 [B]."""
+
+    num_views = 1
+
+    def __init__(self, data: Any, min_mass: float = 0.01):
+        self.data = data
+        self.min_mass = float(min_mass)
+        self.colour = ColourAugment.from_config(data)
+        self.grid = data.image_size // data.patch_size
+
+    def plan(self, sample: Any, rng: np.random.Generator) -> dict:
+        d = self.data
+        width, height = sample_size(sample)
+        box = random_resized_crop(rng, width, height, d.crop_scale)
+        flip = bool(rng.random() < d.hflip_prob)
+        colour = self.colour.sample(rng, d.image_size)
+        return {
+            "index": sample.index,
+            "label": sample.label,
+            "masks": sample.masks[: d.max_objects],
+            "boxes": box[None],
+            "flips": np.array([flip]),
+            "colour": colour[None],
+            "size": (width, height),
+        }
+
+    def __call__(self, sample: Any, rng: np.random.Generator) -> dict:
+        d = self.data
+        p = self.plan(sample, rng)
+        box, flip, masks = p["boxes"][0], bool(p["flips"][0]), p["masks"]
+        warped = np.zeros((d.max_objects, d.mask_size, d.mask_size), dtype=np.uint8)
+        warped[: len(masks)] = warp_masks(masks, box, p["size"], flip, d.mask_size)
+        return {
+            "index": p["index"],
+            "label": p["label"],
+            "view": crop_resize(sample.image, box, d.image_size, flip),
+            "masks": warped,
+            "count": len(masks),
+            "colour": p["colour"][0],
+        }
+
+    def collate(self, items: list[dict]) -> dict:
+        masks = _stack_views(items, "masks")  # [B, K, M, M]
+        count = torch.tensor([it["count"] for it in items], dtype=torch.int64)
+        return {
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+            "image": colour_augment(_stack_views(items, "view"), _stack_views(items, "colour")),
+            "masks": masks,
+            "valid": valid_objects(masks[:, None], count, self.min_mass),
+            "importance": patch_importance(masks, self.grid),
+        }
+
+
+class VLPView:
+    """``data.views=vlp`` (BLIP / ViLT): one view (RandomResizedCrop with ``data.crop_scale``, flip, colour)
+    with the caption and the object boxes moved into the view.
+
+    Batch: image float32 [B,3,S,S], caption list[str] [B], boxes float32 [B,K,4] (x0, y0, x1, y1 in view
+    pixels, clipped; zero padded), box_valid bool [B,K] (object k exists and >= 1 px of its box is in the
+    view), words list[list[str]] (each object's word, "" for padding), index/label int64 [B]."""
+
+    num_views = 1
+
+    def __init__(self, data: Any):
+        self.data = data
+        self.colour = ColourAugment.from_config(data)
+
+    def plan(self, sample: Any, rng: np.random.Generator) -> dict:
+        d = self.data
+        width, height = sample_size(sample)
+        box = random_resized_crop(rng, width, height, d.crop_scale)
+        flip = bool(rng.random() < d.hflip_prob)
+        colour = self.colour.sample(rng, d.image_size)
+        objects = sample.meta.get("objects", [])[: d.max_objects]
+        boxes = np.zeros((d.max_objects, 4), dtype=np.float32)
+        valid = np.zeros(d.max_objects, dtype=bool)
+        if objects:
+            vb, ok = view_boxes(np.array([o["box"] for o in objects], dtype=np.float64), box, flip, d.image_size)
+            boxes[: len(objects)], valid[: len(objects)] = vb, ok
+        words = [o.get("word", "") for o in objects] + [""] * (d.max_objects - len(objects))
+        return {
+            "index": sample.index,
+            "label": sample.label,
+            "caption": sample.meta.get("caption", ""),
+            "boxes_view": boxes,
+            "box_valid": valid,
+            "words": words,
+            "boxes": box[None],
+            "flips": np.array([flip]),
+            "colour": colour[None],
+            "size": (width, height),
+        }
+
+    def __call__(self, sample: Any, rng: np.random.Generator) -> dict:
+        p = self.plan(sample, rng)
+        p["view"] = crop_resize(sample.image, p["boxes"][0], self.data.image_size, bool(p["flips"][0]))
+        p["colour"] = p["colour"][0]
+        return p
+
+    def collate(self, items: list[dict]) -> dict:
+        return {
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+            "image": colour_augment(_stack_views(items, "view"), _stack_views(items, "colour")),
+            "caption": [it["caption"] for it in items],
+            "boxes": _stack_views(items, "boxes_view"),
+            "box_valid": _stack_views(items, "box_valid"),
+            "words": [it["words"] for it in items],
         }
 
 
@@ -496,29 +699,48 @@ class MultiCrop:
     def __init__(self, data: Any):
         self.data = data
         self.colour = ColourAugment.from_config(data)
+        self.num_views = data.global_crops + data.local_crops
 
-    def _views(self, image: Image.Image, rng: np.random.Generator, n: int, size: int, scale) -> tuple:
-        width, height = image.size
-        crops, params = [], []
-        for _ in range(n):
-            box = random_resized_crop(rng, width, height, scale)
-            flip = bool(rng.random() < self.data.hflip_prob)
-            crops.append(crop_resize(image, box, size, flip))
-            params.append(self.colour.sample(rng, size))
-        return crops, params
-
-    def __call__(self, sample: Any, rng: np.random.Generator) -> dict:
+    def crop_sizes(self) -> list[int]:
+        """Side of each crop, in output order (global crops, then local crops)."""
         d = self.data
-        g, gp = self._views(sample.image, rng, d.global_crops, d.image_size, d.crop_scale)
-        loc, lp = self._views(sample.image, rng, d.local_crops, d.local_size, d.local_scale)
-        empty = np.zeros((0, NUM_COLOUR_PARAMS), dtype=np.float32)
+        return [d.image_size] * d.global_crops + [d.local_size] * d.local_crops
+
+    def plan(self, sample: Any, rng: np.random.Generator) -> dict:
+        """boxes float64 [V, 4], flips bool [V], colour float32 [V, P] for the V = global + local crops."""
+        d = self.data
+        width, height = sample_size(sample)
+        boxes, flips, params = [], [], []
+        for size, scale in [(d.image_size, d.crop_scale)] * d.global_crops + [
+            (d.local_size, d.local_scale)
+        ] * d.local_crops:
+            boxes.append(random_resized_crop(rng, width, height, scale))
+            flips.append(bool(rng.random() < d.hflip_prob))
+            params.append(self.colour.sample(rng, size))
         return {
             "index": sample.index,
             "label": sample.label,
-            "global": np.stack(g),
-            "global_colour": np.stack(gp),
-            "local": np.stack(loc) if loc else np.zeros((0, d.local_size, d.local_size, 3), dtype=np.uint8),
-            "local_colour": np.stack(lp) if lp else empty,
+            "boxes": np.stack(boxes),
+            "flips": np.array(flips, dtype=bool),
+            "colour": np.stack(params),
+            "size": (width, height),
+        }
+
+    def __call__(self, sample: Any, rng: np.random.Generator) -> dict:
+        d = self.data
+        p = self.plan(sample, rng)
+        crops = [
+            crop_resize(sample.image, p["boxes"][v], size, bool(p["flips"][v]))
+            for v, size in enumerate(self.crop_sizes())
+        ]
+        g = d.global_crops
+        return {
+            "index": p["index"],
+            "label": p["label"],
+            "global": np.stack(crops[:g]),
+            "global_colour": p["colour"][:g],
+            "local": np.stack(crops[g:]) if d.local_crops else np.zeros((0, d.local_size, d.local_size, 3), np.uint8),
+            "local_colour": p["colour"][g:],
         }
 
     def collate(self, items: list[dict]) -> dict:
@@ -548,21 +770,36 @@ class CaptionGroup:
         self.data = data
         self.colour = ColourAugment.from_config(data)
 
-    def __call__(self, samples: list, rng: np.random.Generator, group: int) -> dict:
+    def plan(self, samples: list, rng: np.random.Generator, group: int) -> dict:
+        """boxes float64 [G, 4], flips bool [G], colour float32 [G, P]: one view of each of the G samples."""
         d = self.data
-        views, params = [], []
+        boxes, flips, params, sizes = [], [], [], []
         for sample in samples:
-            width, height = sample.image.size
-            box = random_resized_crop(rng, width, height, d.crop_scale)
-            flip = bool(rng.random() < d.hflip_prob)
-            views.append(crop_resize(sample.image, box, d.image_size, flip))
+            width, height = sample_size(sample)
+            boxes.append(random_resized_crop(rng, width, height, d.crop_scale))
+            flips.append(bool(rng.random() < d.hflip_prob))
             params.append(self.colour.sample(rng, d.image_size))
+            sizes.append((width, height))
         return {
             "indices": np.array([s.index for s in samples], dtype=np.int64),
             "label": samples[0].label,
             "group": group,
-            "views": np.stack(views),
+            "boxes": np.stack(boxes),
+            "flips": np.array(flips, dtype=bool),
             "colour": np.stack(params),
+            "sizes": sizes,
+        }
+
+    def __call__(self, samples: list, rng: np.random.Generator, group: int) -> dict:
+        d = self.data
+        p = self.plan(samples, rng, group)
+        views = [crop_resize(s.image, p["boxes"][j], d.image_size, bool(p["flips"][j])) for j, s in enumerate(samples)]
+        return {
+            "indices": p["indices"],
+            "label": p["label"],
+            "group": group,
+            "views": np.stack(views),
+            "colour": p["colour"],
         }
 
     def collate(self, items: list[dict]) -> dict:
@@ -582,13 +819,22 @@ class CaptionGroup:
         }
 
 
-VIEW_MAKERS = {"two": TwoViews, "multicrop": MultiCrop, "caption_group": CaptionGroup}
+VIEW_MAKERS = {
+    "two": TwoViews,
+    "multicrop": MultiCrop,
+    "caption_group": CaptionGroup,
+    "single": SingleView,
+    "vlp": VLPView,
+}
 
 
-def build_view_maker(cfg: Any) -> TwoViews | MultiCrop | CaptionGroup:
-    """The view maker for ``cfg.data.views`` (``cfg``: a full Config; ``two`` also reads ``freeatm.min_mass``)."""
+def build_view_maker(cfg: Any) -> TwoViews | MultiCrop | CaptionGroup | SingleView | VLPView:
+    """The view maker for ``cfg.data.views`` (``cfg``: a full Config; ``two`` and ``single`` also read
+    ``freeatm.min_mass``)."""
     if cfg.data.views == "two":
         return TwoViews(cfg.data, cfg.freeatm.min_mass)
+    if cfg.data.views == "single":
+        return SingleView(cfg.data, cfg.freeatm.min_mass)
     if cfg.data.views not in VIEW_MAKERS:
         raise ValueError(f"data.views must be one of {list(VIEW_MAKERS)}, got {cfg.data.views!r}")
     return VIEW_MAKERS[cfg.data.views](cfg.data)
