@@ -162,13 +162,11 @@ def test_kmeans_masks_through_loader(toy):
         build_loader(make_cfg(toy, masks="kmeans", kmeans_k=5, max_objects=4))
 
 
-def test_roots_and_dali(toy, tmp_path, monkeypatch):
+def test_roots(toy, tmp_path, monkeypatch):
     assert resolve_root(make_cfg(toy), "val") == toy / "val"
     assert resolve_root(make_cfg(toy / "train"), "train") == toy / "train"
     with pytest.raises(FileNotFoundError, match="val"):
         resolve_root(make_cfg(toy / "train"), "val")
-    with pytest.raises(NotImplementedError, match="issue #5"):
-        build_loader(make_cfg(toy, loader="dali"))
     monkeypatch.setenv("FREEATM_CACHE", str(tmp_path))
     data = DataConfig(toy_train_images=16, toy_val_images=4, toy_image_size=32, num_workers=0)
     loader = build_loader(Config(data=data, train=TrainConfig(batch_size=4)))

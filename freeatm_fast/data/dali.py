@@ -70,7 +70,7 @@ from freeatm_fast.data.views import (
     valid_objects,
 )
 
-__all__ = ["DaliLoader", "build_dali_loader", "dali_available", "dali_device"]
+__all__ = ["DaliLoader", "build_dali_loader", "dali_available", "dali_device", "render_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class _Plan:
     def finish(self, outs: dict[str, torch.Tensor], host: dict, device: torch.device) -> dict:
         """DALI outputs (torch tensors) + host fields -> the batch dict of loader.py's contract."""
         host = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in host.items()}
-        maker, d = self.maker, self.data
+        maker = self.maker
         if isinstance(maker, TwoViews):
             masks = torch.stack([outs["masks_0"], outs["masks_1"]], 1)
             return {
@@ -389,6 +389,53 @@ class _Plan:
 # The loader
 
 
+def _pipeline(plan: _Plan, where: str, *, batch_size: int, threads: int, device_id, prefetch: int, seed: int):
+    """Build the DALI pipeline of ``plan`` -> (pipeline, output names in order)."""
+    from nvidia.dali import pipeline_def
+
+    names: list[str] = []
+
+    @pipeline_def
+    def graph():
+        outs = plan.define(where)
+        names.extend(outs)
+        return tuple(outs.values())
+
+    pipe = graph(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        seed=seed,  # no random operator in the graph (all randomness is planned on the host)
+    )
+    pipe.build()
+    return pipe, names
+
+
+def _to_torch(names: list[str], outputs) -> dict[str, torch.Tensor]:
+    from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
+
+    # copies: DALI reuses its output buffers on the next run
+    return {name: to_torch_tensor(tl.as_tensor(), copy=True) for name, tl in zip(names, outputs, strict=True)}
+
+
+def render_plans(cfg: Any, items: list[dict], *, where: str = "cpu") -> dict:
+    """Run ``cfg``'s DALI graph once on planned items -> the batch dict.
+
+    items: one per batch row, each the view maker's ``plan(...)`` dict plus ``"jpeg"`` (bytes, a list of bytes
+    for caption groups): how tests feed hand-picked crop windows. ``where``: "cpu" or "gpu"."""
+    plan = _Plan(cfg, build_view_maker(cfg))
+    ins, host = plan.inputs(items)
+    device_id = torch.cuda.current_device() if where == "gpu" else None
+    pipe, names = _pipeline(
+        plan, where, batch_size=len(ins["jpeg"]), threads=1, device_id=device_id, prefetch=1, seed=0
+    )
+    for name, data in ins.items():
+        pipe.feed_input(name, data)
+    device = torch.device("cuda", device_id) if where == "gpu" else torch.device("cpu")
+    return plan.finish(_to_torch(names, pipe.run()), host, device)
+
+
 class DaliLoader:
     """Infinite iterable of batch dicts (module docstring), interface of loader.TrainLoader: ``step`` (global
     index of the next batch), ``epoch``, ``steps_per_epoch``, ``batch_size``, ``num_items``, ``dataset``,
@@ -419,7 +466,9 @@ class DaliLoader:
         n_items = len(self.groups) if self.groups is not None else len(self.dataset)
         per_pipe = cfg.train.batch_size * (d.group_size if self.groups is not None else 1)
         self.pipe_batch = per_pipe
-        self.sampler = EpochBatchSampler(n_items, cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size)
+        self.sampler = EpochBatchSampler(
+            n_items, cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size
+        )
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.batch_size = self.sampler.batch_size
         self.num_items = self.sampler.num_items
@@ -461,26 +510,15 @@ class DaliLoader:
         self._pipe = self._make_pipeline()
 
     def _make_pipeline(self):
-        from nvidia.dali import pipeline_def
-
-        plan, where = self.plan, self.where
-        names: list[str] = []
-
-        @pipeline_def
-        def graph():
-            outs = plan.define(where)
-            names.extend(outs)
-            return tuple(outs.values())
-
-        pipe = graph(
+        pipe, self._out_names = _pipeline(
+            self.plan,
+            self.where,
             batch_size=self.pipe_batch,
-            num_threads=self.threads,
+            threads=self.threads,
             device_id=self.device_id,
-            prefetch_queue_depth=self.cfg.data.dali_prefetch,
-            seed=self.cfg.train.seed,  # no random operator in the graph; set for reproducibility regardless
+            prefetch=self.cfg.data.dali_prefetch,
+            seed=self.cfg.train.seed,
         )
-        pipe.build()
-        self._out_names = names
         return pipe
 
     def _feed(self) -> None:
@@ -510,12 +548,7 @@ class DaliLoader:
             return self._next()
         step, host, _ = self._pending.popleft()
         assert step == self.step, (step, self.step)
-        from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
-
-        outs = {}
-        for name, tl in zip(self._out_names, outputs, strict=True):
-            outs[name] = to_torch_tensor(tl.as_tensor(), copy=True)
-        batch = self.plan.finish(outs, host, self.device)
+        batch = self.plan.finish(_to_torch(self._out_names, outputs), host, self.device)
         self.step += 1
         return batch
 
@@ -524,25 +557,36 @@ class DaliLoader:
         data.skip_bad mark it bad and rebuild from the failed step."""
         from PIL import Image
 
-        bad = []
-        for step, host, jpegs in self._pending:
+        bad: dict[int, str] = {}
+        for _step, host, jpegs in self._pending:
             idx = host["indices"].flatten().tolist() if "indices" in host else host["index"].tolist()
             for i, jpeg in zip(idx, jpegs, strict=True):
+                if i in bad:
+                    continue
                 try:
                     Image.open(io.BytesIO(jpeg.tobytes())).load()
                 except Exception as pil_exc:  # noqa: BLE001 - PIL raises many types for corrupt data
-                    bad.append((i, f"{type(pil_exc).__name__}: {pil_exc}"))
+                    bad[i] = f"{type(pil_exc).__name__}: {pil_exc}"
         self.close()
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        hits = [ln for ln in lines if "decod" in ln.lower() or "jpeg" in ln.lower()]
+        dali_msg = (hits or lines or [""])[0]
         if not bad:
-            raise RuntimeError(f"DALI pipeline failed at batch {self.step} (no sample in it fails to decode with PIL)") from exc
-        first_i, why = bad[0]
+            raise RuntimeError(
+                f"DALI pipeline failed at batch {self.step} and no sample in flight fails to decode with PIL: "
+                f"{dali_msg[:300]}"
+            ) from exc
+        first_i, why = next(iter(bad.items()))
         shard, key = self.dataset.where(first_i)
-        msg = f"{key}.jpg does not decode as a JPEG (DALI: {str(exc).splitlines()[0][:200]}; PIL: {why})"
+        msg = f"{key}.jpg does not decode as a JPEG (DALI: {dali_msg[:200]}; PIL: {why})"
         if not self.cfg.data.skip_bad:
             raise ShardError(f"{shard}: sample {key!r}: {msg}") from exc
-        for i, why in bad:
+        for i, why in bad.items():
             self.dataset.known_bad[i] = f"{self.dataset.keys[i]}.jpg does not decode as a JPEG ({why})"
-        log.warning(f"data.skip_bad: {len(bad)} undecodable sample(s) skipped, first {shard}:{key}; restarting at batch {self.step}")
+        log.warning(
+            f"data.skip_bad: {len(bad)} undecodable sample(s) skipped, first {shard}:{key}; "
+            f"restarting at batch {self.step}"
+        )
 
     def close(self) -> None:
         """Drop the pipeline and the host workers (rebuilt on the next iteration)."""
