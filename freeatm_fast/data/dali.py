@@ -113,11 +113,6 @@ def _threads(setting: int, world_size: int) -> int:
 # Host side: plans -> DALI inputs (per-sample numpy arrays) + the fields that bypass DALI
 
 
-def _roi(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(x0, y0, x1, y1) -> DALI's ROI in layout order (H, W): start (y0, x0), end (y1, x1), float32."""
-    return np.array([box[1], box[0]], np.float32), np.array([box[3], box[2]], np.float32)
-
-
 class _Colour:
     """Which colour ops a config can draw (decided once, so the pipeline leaves out ops that never fire)."""
 
@@ -140,24 +135,26 @@ class _Colour:
             out.append(f"sol_{v}")
         return out
 
-    def inputs(self, params: np.ndarray, v: int) -> dict[str, list[np.ndarray]]:
-        """Per-sample DALI inputs of view v from colour parameters float32 [N, P]."""
-        out: dict[str, list[np.ndarray]] = {}
+    def inputs(self, params: np.ndarray, v: int) -> dict[str, np.ndarray]:
+        """DALI inputs of view v from colour parameters float32 [N, P]: one array per input whose first
+        dimension is the batch (DALI takes it as N uniform samples in one copy)."""
+        out: dict[str, np.ndarray] = {}
+        n = len(params)
         if self.jitter:
             mats, contrast = _slot_matrices(params)
             for s in range(4):
-                out[f"m{s}_{v}"] = list(mats[s])
-                out[f"c{s}_{v}"] = list(contrast[s].astype(np.float32))
+                out[f"m{s}_{v}"] = np.ascontiguousarray(mats[s])
+                out[f"c{s}_{v}"] = np.ascontiguousarray(contrast[s], dtype=np.float32)
         if self.gray:
-            eye = np.eye(3, dtype=np.float32)
-            luma = _LUMA_ROWS.astype(np.float32)
-            out[f"gray_{v}"] = [luma if g > 0 else eye for g in params[:, P_GRAY]]
+            eye = np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3))
+            luma = np.broadcast_to(_LUMA_ROWS.astype(np.float32), (n, 3, 3))
+            out[f"gray_{v}"] = np.ascontiguousarray(np.where((params[:, P_GRAY] > 0)[:, None, None], luma, eye))
         if self.blur:
             sigma = params[:, P_SIGMA]
-            out[f"sigma_{v}"] = list(np.where(sigma > 0, sigma, _NO_BLUR_SIGMA).astype(np.float32))
-            out[f"blur_{v}"] = list((sigma > 0).astype(np.float32))
+            out[f"sigma_{v}"] = np.where(sigma > 0, sigma, _NO_BLUR_SIGMA).astype(np.float32)
+            out[f"blur_{v}"] = (sigma > 0).astype(np.float32)
         if self.solarize:
-            out[f"sol_{v}"] = list((params[:, P_SOLARIZE] > 0).astype(np.float32))
+            out[f"sol_{v}"] = (params[:, P_SOLARIZE] > 0).astype(np.float32)
         return out
 
 
@@ -207,23 +204,29 @@ class _Plan:
             ]
         else:
             flat = items
-        ins: dict[str, list[np.ndarray]] = {"jpeg": [np.frombuffer(it["jpeg"], dtype=np.uint8) for it in flat]}
+        # one array per input with the batch as first dimension where samples are uniform (one copy into DALI);
+        # lists where they are not (JPEG bytes; masks of different resolutions)
+        ins: dict[str, Any] = {"jpeg": [np.frombuffer(it["jpeg"], dtype=np.uint8) for it in flat]}
         if self.masks:
-            ins["masks"] = [self._masks_hwk(it["masks"]) for it in flat]
+            masks = [self._masks_hwk(it["masks"]) for it in flat]
+            uniform = all(m.shape == masks[0].shape for m in masks)
+            ins["masks"] = np.stack(masks) if uniform else masks
         for v, (_, has_masks) in enumerate(self.views):
-            rois = [_roi(it["boxes"][v]) for it in flat]
-            ins[f"rs_{v}"] = [r[0] for r in rois]
-            ins[f"re_{v}"] = [r[1] for r in rois]
-            ins[f"flip_{v}"] = [np.int32(it["flips"][v]) for it in flat]
+            boxes = np.stack([it["boxes"][v] for it in flat])  # [N, 4] x0, y0, x1, y1
+            ins[f"rs_{v}"] = np.ascontiguousarray(boxes[:, [1, 0]], dtype=np.float32)  # ROI in layout order (y, x)
+            ins[f"re_{v}"] = np.ascontiguousarray(boxes[:, [3, 2]], dtype=np.float32)
+            ins[f"flip_{v}"] = np.array([it["flips"][v] for it in flat], dtype=np.int32)
             if has_masks:
-                mrois = [
-                    _roi(mask_box(it["boxes"][v], it["size"], it["masks"].shape[1:]))
-                    if len(it["masks"])
-                    else _roi(np.array([0.0, 0.0, 1.0, 1.0]))  # no masks: the zero padding, any window
-                    for it in flat
-                ]
-                ins[f"mrs_{v}"] = [r[0] for r in mrois]
-                ins[f"mre_{v}"] = [r[1] for r in mrois]
+                mboxes = np.stack(
+                    [
+                        mask_box(it["boxes"][v], it["size"], it["masks"].shape[1:])
+                        if len(it["masks"])
+                        else np.array([0.0, 0.0, 1.0, 1.0])  # no masks: the zero padding, any window
+                        for it in flat
+                    ]
+                )
+                ins[f"mrs_{v}"] = np.ascontiguousarray(mboxes[:, [1, 0]], dtype=np.float32)
+                ins[f"mre_{v}"] = np.ascontiguousarray(mboxes[:, [3, 2]], dtype=np.float32)
             ins |= self.colour.inputs(np.stack([it["colour"][v] for it in flat]), v)
         host: dict[str, Any] = {"label": torch.tensor([it["label"] for it in items], dtype=torch.int64)}
         if isinstance(self.maker, CaptionGroup):
