@@ -479,6 +479,7 @@ class DaliLoader:
         self._prep = None
         self._pipe = None
         self._pending: collections.deque = collections.deque()
+        self._scheduled = False
         if d.masks == "kmeans" and d.views == "two":
             log.warning("data.masks=kmeans with DALI: k-means needs the pixels, so the host decodes every image too")
         log.info(
@@ -539,21 +540,37 @@ class DaliLoader:
             yield self._next()
 
     def _next(self) -> dict:
+        # DALIGenericIterator's protocol: schedule (the first call schedules `dali_prefetch` batches), share the
+        # oldest outputs, copy them into torch tensors on the current stream, release, schedule the next one.
+        # Every schedule_run consumes one fed batch (the first: dali_prefetch of them).
         if self._pipe is None:
             self._build()
-        # DALI runs `dali_prefetch` batches ahead: each run() schedules one more and returns the oldest
-        while len(self._pending) < self.cfg.data.dali_prefetch:
-            self._feed()
+            self._scheduled = False
         try:
-            outputs = self._pipe.run()
+            if not self._scheduled:
+                self._fill()
+                self._pipe.schedule_run()
+                self._scheduled = True
+            outputs = self._pipe.share_outputs()
+        except ShardError:
+            raise
         except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError subclasses; find the bad sample
             self._decode_failed(exc)
             return self._next()
         step, host, _ = self._pending.popleft()
         assert step == self.step, (step, self.step)
-        batch = self.plan.finish(_to_torch(self._out_names, outputs), host, self.device)
+        outs = _to_torch(self._out_names, outputs)
+        self._pipe.release_outputs()
+        self._fill()
+        self._pipe.schedule_run()
+        batch = self.plan.finish(outs, host, self.device)
         self.step += 1
         return batch
+
+    def _fill(self) -> None:
+        """Feed planned batches until `dali_prefetch` are in flight (fed and not yet returned)."""
+        while len(self._pending) < self.cfg.data.dali_prefetch:
+            self._feed()
 
     def _decode_failed(self, exc: Exception) -> None:
         """DALI failed on an in-flight batch: name the sample (PIL decodes each), then raise, or with
