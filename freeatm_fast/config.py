@@ -264,6 +264,40 @@ class MulticropConfig:
 
 
 @dataclass(frozen=True)
+class MaeConfig:
+    """MAE (He et al. 2022) with Free-ATM masking (DESIGN §7, issue #6). Of the masked patches, a share
+    ``guided_fraction`` are the most important ones (patch importance from the warped masks, data.views=single)
+    and the rest are uniform at random: ``random`` = 0 (MAE), ``top`` = 1, ``balance`` = scheduled from
+    ``guided_start`` at the first step to ``guided_max`` at the last (``schedule``: linear or cosine)."""
+
+    masking: str = "random"  # random | top | balance
+    mask_ratio: float = 0.75
+    guided_start: float = 0.0
+    guided_max: float = 0.5
+    schedule: str = "linear"  # linear | cosine
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # loss on per-patch normalised pixels (MAE's default)
+    kernel_backend: str = "auto"  # select_patches / gather_tokens: auto | torch (eager reference) | triton | cuda
+
+    def __post_init__(self) -> None:
+        _one_of(self.masking, ("random", "top", "balance"), "mae.masking")
+        _one_of(self.schedule, ("linear", "cosine"), "mae.schedule")
+        _one_of(self.kernel_backend, ("auto", "torch", "triton", "cuda"), "mae.kernel_backend")
+        _check(0 < self.mask_ratio < 1, "mae.mask_ratio", f"must be in (0, 1), got {self.mask_ratio!r}")
+        _unit_interval(self.guided_start, "mae.guided_start")
+        _unit_interval(self.guided_max, "mae.guided_max")
+        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            _positive(getattr(self, name), f"mae.{name}")
+        _check(
+            self.decoder_dim % self.decoder_heads == 0,
+            "mae.decoder_heads",
+            f"must divide mae.decoder_dim={self.decoder_dim}, got {self.decoder_heads}",
+        )
+
+
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: int = 0
     # extra entries merged into the generated DeepSpeed JSON config (advanced; e.g. {"zero_optimization":
@@ -314,6 +348,7 @@ class Config:
     stablerep: StablerepConfig = field(default_factory=StablerepConfig)
     detcon: DetconConfig = field(default_factory=DetconConfig)
     multicrop: MulticropConfig = field(default_factory=MulticropConfig)
+    mae: MaeConfig = field(default_factory=MaeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -330,7 +330,9 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
 
     n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     log.info(
-        f"method={cfg.method} freeatm={'on' if cfg.freeatm.enabled else 'off'} backbone={cfg.model.backbone} "
+        f"method={cfg.method} freeatm={'on' if cfg.freeatm.enabled else 'off'}"
+        + (f" mae.masking={cfg.mae.masking}" if cfg.method == "mae" else "")
+        + f" backbone={cfg.model.backbone} "
         f"({n_params / 1e6:.2f} M trainable params) world_size={dist.world_size} device={dist.device} "
         f"precision={t.precision} zero_stage={cfg.deepspeed.zero_stage}"
     )
@@ -355,6 +357,7 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         torch.distributed.barrier()
 
     stop = t.max_steps if t.stop_at <= 0 else min(t.max_steps, t.stop_at)
+    method.begin(start_step, t.max_steps)
     it = iter(loader)
     sums: dict[str, torch.Tensor] = {}
     n_in_window = 0
@@ -418,6 +421,13 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         "last": last_logs,
     }
     finished = step >= t.max_steps
+    from freeatm_fast.methods.common import Method
+
+    if finished and type(method).write_figures is not Method.write_figures:
+        figures = _write_figures(cfg, method, run_dir, dist)
+        if figures:
+            summary["figures"] = [str(f) for f in figures]
+            log.info(f"figures: {', '.join(str(f) for f in figures)}")
     backbone = method.backbone
     if finished and (t.export_backbone or cfg.eval.knn or cfg.eval.linear):
         backbone_path = run_dir / "backbone.safetensors"
@@ -435,6 +445,34 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         _write_json(run_dir / "summary.json", summary)
     log.close()
     return summary
+
+
+def _write_figures(cfg: Config, method: torch.nn.Module, run_dir: Path, dist) -> list:
+    """The method's end-of-run pictures from 8 validation images (the train split when there is no val split).
+    Every rank takes part in gathering ZeRO-3 partitions; rank 0 draws and writes."""
+    import dataclasses
+
+    from freeatm_fast.data.loader import build_loader
+
+    small = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, loader="torch", num_workers=0),
+        train=dataclasses.replace(cfg.train, batch_size=8),
+    )
+    try:
+        loader = build_loader(small, split="val")
+    except (FileNotFoundError, ValueError):
+        loader = build_loader(small, split="train")
+    try:
+        batch = to_device(next(iter(loader)), dist.device, False)
+    finally:
+        loader.close()
+    out: list = []
+    with _gathered(method, cfg.deepspeed.zero_stage):
+        if dist.is_main:
+            out = method.write_figures(run_dir, batch)
+    torch.distributed.barrier()
+    return out
 
 
 def _replicas_identical(method: torch.nn.Module, zero_stage: int, world_size: int) -> bool | None:

@@ -26,6 +26,7 @@ METHOD_REGISTRY: dict[str, str] = {
     "stablerep": "freeatm_fast.methods.stablerep:StableRep",
     "detcon": "freeatm_fast.methods.detcon:DetCon",
     "multicrop": "freeatm_fast.methods.multicrop:Multicrop",
+    "mae": "freeatm_fast.methods.mae:MAE",
 }
 
 

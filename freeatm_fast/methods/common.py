@@ -401,8 +401,17 @@ class Method(nn.Module):
         """Backbone features before pooling: x [B,3,S,S] -> [B,C,h,w] (ViT: patch tokens on their grid)."""
         return backbone_feature_map(self.backbone, x)
 
+    def begin(self, step: int, max_steps: int) -> None:
+        """Called once before the first step of a run (``step``: the global step it starts at, > 0 when
+        resumed), for host-side schedules; nothing by default."""
+
     def after_step(self, step: int, max_steps: int) -> None:
         """Per-step updates outside the optimizer (EMA, prototype normalisation); none by default."""
+
+    def write_figures(self, run_dir, batch: dict) -> list:
+        """Pictures written at the end of training from a validation ``batch`` (on the device); returns their
+        paths. None by default (MAE: reconstructions)."""
+        return []
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups over the trainable parameters (see :func:`param_groups`)."""
