@@ -47,6 +47,8 @@ echo "== training benchmark (ResNet-50 224², bf16, batch 256; MoCo-v2 target >=
 "$PY" -m bench.bench_train --methods mocov2,mocov2_freeatm,simclr,simclr_freeatm 2>&1 | tee -a "$LOG"
 echo "== data-loading benchmark (two-view pipeline 224², batch 256; target DALI GPU >= 3x torch loader images/s at all workers, MoCo-v2 R50 data-wait < 5% fed by DALI)" | tee -a "$LOG"
 "$PY" -m bench.data 2>&1 | tee -a "$LOG"
+echo "== MAE benchmark (ViT-B/16 224², bf16, fused vs eager masking; target >= 600 images/s on one H100)" | tee -a "$LOG"
+"$PY" -m bench.bench_mae 2>&1 | tee -a "$LOG"
 
 if [ -n "${OUT:-}" ]; then
   cp bench/results/*.jsonl bench/results/*.md "$LOG" "$OUT"/ 2>/dev/null || true

@@ -328,7 +328,9 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
     if loader is None:
         loader = build_loader(cfg, rank=dist.rank, world_size=dist.world_size, start_step=start_step)
 
-    n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    n_params = sum(
+        getattr(p, "ds_numel", p.numel()) for p in method.parameters() if p.requires_grad
+    )  # ZeRO-3: full size
     log.info(
         f"method={cfg.method} freeatm={'on' if cfg.freeatm.enabled else 'off'}"
         + (f" mae.masking={cfg.mae.masking}" if cfg.method == "mae" else "")
