@@ -55,8 +55,18 @@ def toy_cache(tmp_path_factory):
         os.environ["FREEATM_CACHE"] = old
 
 
+MAE_TINY = [
+    'model.backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+    "data.patch_size=8",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+]
+
+
 def _cfg(name, out_dir, *extra):
     more = ["train.batch_size=4", "data.group_size=2"] if name == "stablerep" else []
+    more += MAE_TINY if name.startswith("mae") else []
     return load_config(name, [*TINY, *more, f"train.out_dir={out_dir}", *extra])
 
 
