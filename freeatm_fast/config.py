@@ -298,6 +298,52 @@ class MaeConfig:
 
 
 @dataclass(frozen=True)
+class VlpConfig:
+    """Vision-language pretraining (BLIP, ViLT; DESIGN §7, issue #7): text model, tokenizer, losses, and the
+    Free-ATM position prompts (with ``freeatm.enabled``: each caption gets, with probability ``prompt_prob``,
+    up to ``prompt_objects`` prompts ". The block {b} has a {object} ." from object boxes on a
+    ``prompt_grid`` x ``prompt_grid`` grid of the view)."""
+
+    # a local folder or hub id of a Hugging Face tokenizer; "" = a WordPiece tokenizer trained on the data's
+    # captions (and the prompt words) at start-up, saved in the run directory
+    tokenizer: str = ""
+    vocab_size: int = 1000  # of the trained WordPiece tokenizer
+    max_len: int = 48  # text tokens, special tokens included
+    # a local folder or hub id of a BERT checkpoint for the text encoder / decoder; "" = random initialisation
+    text_pretrained: str = ""
+    text_width: int = 768
+    text_layers: int = 12  # BLIP: text encoder (ITC / ITM) and decoder depth; ViLT: the single-stream depth
+    text_heads: int = 12
+    embed_dim: int = 256  # BLIP: ITC projection
+    queue_size: int = 57600  # BLIP: momentum feature queue (0 = in-batch only)
+    momentum: float = 0.995  # BLIP: momentum encoders' EMA
+    temperature: float = 0.07  # BLIP: ITC temperature (initial; learnable as in BLIP)
+    itm_weight: float = 1.0
+    lm_weight: float = 1.0  # BLIP: captioning (LM) loss weight; ViLT: MLM loss weight
+    mlm_prob: float = 0.15  # ViLT: share of text tokens masked for MLM
+    prompt_grid: int = 3
+    prompt_objects: int = 1
+    prompt_prob: float = 1.0
+    retrieval_max_images: int = 1000  # eval: held-out images used for retrieval (0 = all)
+    rerank_k: int = 16  # BLIP eval: ITM re-ranks the top-k ITC candidates (0 = ITC only)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_len", "text_width", "text_layers", "text_heads", "embed_dim", "prompt_grid"):
+            _positive(getattr(self, name), f"vlp.{name}")
+        _check(
+            self.text_width % self.text_heads == 0,
+            "vlp.text_heads",
+            f"must divide vlp.text_width={self.text_width}, got {self.text_heads}",
+        )
+        for name in ("queue_size", "prompt_objects", "retrieval_max_images", "rerank_k", "itm_weight", "lm_weight"):
+            _non_negative(getattr(self, name), f"vlp.{name}")
+        _unit_interval(self.momentum, "vlp.momentum")
+        _unit_interval(self.mlm_prob, "vlp.mlm_prob")
+        _unit_interval(self.prompt_prob, "vlp.prompt_prob")
+        _positive(self.temperature, "vlp.temperature")
+
+
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: int = 0
     # extra entries merged into the generated DeepSpeed JSON config (advanced; e.g. {"zero_optimization":
@@ -314,6 +360,9 @@ class EvalConfig:
 
     knn: bool = True
     linear: bool = False  # also fit a linear probe on frozen features (slower)
+    # vision-language methods: image<->text retrieval R@1/5/10 on the held-out split (eval.root or the toy
+    # world's val split), at most vlp.retrieval_max_images images
+    retrieval: bool = True
     root: str = ""  # labelled shards or an ImageFolder; "" = the toy world's val split
     train_root: str = ""  # the kNN memory bank; "" = the toy world's train split
     knn_k: int = 20
@@ -349,6 +398,7 @@ class Config:
     detcon: DetconConfig = field(default_factory=DetconConfig)
     multicrop: MulticropConfig = field(default_factory=MulticropConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
+    vlp: VlpConfig = field(default_factory=VlpConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -293,6 +293,8 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
     # identical initial weights on every rank (DeepSpeed also broadcasts them from rank 0)
     _seed_everything(t.seed)
     method = build_method(cfg)
+    if dist.is_main:
+        method.save_artifacts(run_dir)
     # model.channels_last puts the *inputs* in channels_last: cuDNN then picks NHWC convolutions (it follows the
     # input or the weight). The weights stay contiguous: DeepSpeed broadcasts and flattens parameters as flat
     # byte views, which channels_last weights cannot give.
@@ -442,6 +444,26 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
         torch.distributed.barrier()
         if dist.is_main and (cfg.eval.knn or cfg.eval.linear):
             summary["eval"] = _evaluate(cfg, backbone_path, dist.device, log)
+        torch.distributed.barrier()
+    if finished and type(method).retrieval_scores is not Method.retrieval_scores:
+        with _gathered(method, cfg.deepspeed.zero_stage):
+            if dist.is_main:
+                from safetensors.torch import save_file
+
+                state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+                tmp = run_dir / f".model.safetensors.tmp-{os.getpid()}"
+                save_file(state, str(tmp))
+                os.replace(tmp, run_dir / "model.safetensors")
+                summary["model_file"] = str(run_dir / "model.safetensors")
+                if cfg.eval.retrieval:
+                    from freeatm_fast.eval.retrieval import evaluate_retrieval, retrieval_line
+
+                    method.eval()
+                    result = evaluate_retrieval(method, cfg, device=dist.device)
+                    method.train()
+                    summary.setdefault("eval", {})["retrieval"] = result
+                    log.info(retrieval_line(result))
+                    _write_json(run_dir / "eval_retrieval.json", result)
         torch.distributed.barrier()
     if dist.is_main:
         _write_json(run_dir / "summary.json", summary)

@@ -35,6 +35,7 @@ __all__ = [
     "RATIO",
     "CaptionGroup",
     "ColourAugment",
+    "PROMPT_TEMPLATE",
     "MultiCrop",
     "SingleView",
     "TwoViews",
@@ -42,10 +43,12 @@ __all__ = [
     "build_view_maker",
     "colour_augment",
     "crop_resize",
+    "block_index",
     "instance_crops",
     "kmeans_masks",
     "mask_box",
     "patch_importance",
+    "position_prompt",
     "random_resized_crop",
     "sample_pixels",
     "sample_size",
@@ -634,9 +637,47 @@ class SingleView:
         }
 
 
+PROMPT_TEMPLATE = " . The block {block} has a {object} ."  # Free-ATM's position prompt, appended to the caption
+
+
+def block_index(box, size: float, grid: int = 3) -> int:
+    """The grid cell (1-based, row-major: 1 = top left, grid*grid = bottom right) holding the centre of
+    ``box`` (x0, y0, x1, y1) in a square view of side ``size``."""
+    cx, cy = (float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2
+    col = min(max(int(cx / size * grid), 0), grid - 1)
+    row = min(max(int(cy / size * grid), 0), grid - 1)
+    return row * grid + col + 1
+
+
+def position_prompt(
+    caption: str,
+    boxes: np.ndarray,
+    valid: np.ndarray,
+    words: list[str],
+    rng: np.random.Generator,
+    *,
+    size: float,
+    grid: int = 3,
+    objects: int = 1,
+    prob: float = 1.0,
+) -> str:
+    """The caption with Free-ATM position prompts: with probability ``prob``, for up to ``objects`` valid
+    boxes (picked at random), ``PROMPT_TEMPLATE`` with the box's :func:`block_index` and the object's word.
+    Draws a fixed amount of randomness (one uniform, one permutation of the K slots) whatever the outcome."""
+    u = rng.random()
+    order = rng.permutation(len(boxes))
+    if u >= prob or objects == 0:
+        return caption
+    picks = [k for k in order if valid[k] and words[k]][:objects]
+    prompts = "".join(PROMPT_TEMPLATE.format(block=block_index(boxes[k], size, grid), object=words[k]) for k in picks)
+    return caption + prompts
+
+
 class VLPView:
     """``data.views=vlp`` (BLIP / ViLT): one view (RandomResizedCrop with ``data.crop_scale``, flip, colour)
-    with the caption and the object boxes moved into the view.
+    with the caption and the object boxes moved into the view. With ``prompts`` (``freeatm.enabled``), the
+    caption carries position prompts (:func:`position_prompt`, settings ``vlp.prompt_*``) made from the
+    boxes *in the view* (after the crop and flip).
 
     Batch: image float32 [B,3,S,S], caption list[str] [B], boxes float32 [B,K,4] (x0, y0, x1, y1 in view
     pixels, clipped; zero padded), box_valid bool [B,K] (object k exists and >= 1 px of its box is in the
@@ -644,9 +685,13 @@ class VLPView:
 
     num_views = 1
 
-    def __init__(self, data: Any):
+    def __init__(self, data: Any, prompts: bool = False, vlp: Any = None):
         self.data = data
         self.colour = ColourAugment.from_config(data)
+        self.prompts = bool(prompts)
+        self.grid = getattr(vlp, "prompt_grid", 3)
+        self.prompt_objects = getattr(vlp, "prompt_objects", 1)
+        self.prompt_prob = getattr(vlp, "prompt_prob", 1.0)
 
     def plan(self, sample: Any, rng: np.random.Generator) -> dict:
         d = self.data
@@ -661,10 +706,23 @@ class VLPView:
             vb, ok = view_boxes(np.array([o["box"] for o in objects], dtype=np.float64), box, flip, d.image_size)
             boxes[: len(objects)], valid[: len(objects)] = vb, ok
         words = [o.get("word", "") for o in objects] + [""] * (d.max_objects - len(objects))
+        caption = sample.meta.get("caption", "")
+        if self.prompts:
+            caption = position_prompt(
+                caption,
+                boxes,
+                valid,
+                words,
+                rng,
+                size=d.image_size,
+                grid=self.grid,
+                objects=self.prompt_objects,
+                prob=self.prompt_prob,
+            )
         return {
             "index": sample.index,
             "label": sample.label,
-            "caption": sample.meta.get("caption", ""),
+            "caption": caption,
             "boxes_view": boxes,
             "box_valid": valid,
             "words": words,
@@ -835,6 +893,8 @@ def build_view_maker(cfg: Any) -> TwoViews | MultiCrop | CaptionGroup | SingleVi
         return TwoViews(cfg.data, cfg.freeatm.min_mass)
     if cfg.data.views == "single":
         return SingleView(cfg.data, cfg.freeatm.min_mass)
+    if cfg.data.views == "vlp":
+        return VLPView(cfg.data, prompts=cfg.freeatm.enabled, vlp=cfg.vlp)
     if cfg.data.views not in VIEW_MAKERS:
         raise ValueError(f"data.views must be one of {list(VIEW_MAKERS)}, got {cfg.data.views!r}")
     return VIEW_MAKERS[cfg.data.views](cfg.data)

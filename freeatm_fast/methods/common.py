@@ -408,6 +408,16 @@ class Method(nn.Module):
     def after_step(self, step: int, max_steps: int) -> None:
         """Per-step updates outside the optimizer (EMA, prototype normalisation); none by default."""
 
+    def save_artifacts(self, run_dir) -> None:
+        """Files the run directory needs besides checkpoints, written by rank 0 before the first step (BLIP /
+        ViLT: the tokenizer); nothing by default."""
+
+    def retrieval_scores(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-text retrieval scores for vision-language methods: images [Ni,3,S,S] on the module's device,
+        captions [Nt] -> (scores used to rank texts for each image, scores used to rank images for each text),
+        both float [Ni, Nt] (they may be the same tensor). The method batches internally."""
+        raise NotImplementedError(f"{type(self).__name__} is not a vision-language method")
+
     def write_figures(self, run_dir, batch: dict) -> list:
         """Pictures written at the end of training from a validation ``batch`` (on the device); returns their
         paths. None by default (MAE: reconstructions)."""
