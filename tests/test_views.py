@@ -230,3 +230,54 @@ def test_multicrop_and_caption_group_makers():
     assert batch["images"].shape == (2, 3, 3, 32, 32) and batch["group"].tolist() == [0, 1]
     assert batch["indices"].tolist() == [[0, 1, 2], [4, 5, 6]] and batch["index"].tolist() == [0, 4]
     assert not math.isnan(float(batch["images"].sum()))
+
+
+def test_block_index_from_the_box_centre():
+    """3x3 grid, 1-based row-major: the cell holding the box centre (centre on a border -> the lower/right cell)."""
+    assert V.block_index((0, 0, 10, 10), 90) == 1
+    assert V.block_index((80, 0, 90, 10), 90) == 3
+    assert V.block_index((40, 40, 50, 50), 90) == 5
+    assert V.block_index((0, 80, 10, 90), 90) == 7
+    assert V.block_index((80, 80, 90, 90), 90) == 9
+    assert V.block_index((0, 0, 60, 60), 90) == 5  # centre (30, 30) lies on the border of cells 1/2/4/5
+    assert V.block_index((0, 0, 59.9, 59.9), 90) == 1
+    assert V.block_index((0, 0, 90, 90), 90, grid=4) == 11  # centre (45, 45) at 4x4: row 2, column 2
+    assert V.block_index((-5, -5, 2, 2), 90) == 1 and V.block_index((85, 85, 99, 99), 90) == 9  # clipped
+
+
+def test_position_prompts():
+    boxes = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 0, 0]], dtype=np.float32)
+    valid = np.array([True, True, False])
+    words = ["red circle", "blue cross", ""]
+    out = V.position_prompt("a red circle and a blue cross", boxes, valid, words, np.random.default_rng(0), size=64)
+    assert out.startswith("a red circle and a blue cross . The block ") and out.endswith(" .")
+    assert out.count("The block") == 1
+    assert out.endswith(" . The block 1 has a red circle .") or out.endswith(" . The block 9 has a blue cross .")
+    both = V.position_prompt("c", boxes, valid, words, np.random.default_rng(0), size=64, objects=5)
+    assert both in (
+        "c . The block 1 has a red circle . The block 9 has a blue cross .",
+        "c . The block 9 has a blue cross . The block 1 has a red circle .",
+    )
+    never = V.position_prompt("c", boxes, valid, words, np.random.default_rng(0), size=64, prob=0.0)
+    assert never == "c"
+    # the same draws whatever the outcome: the RNG ends in the same state
+    r1, r2 = np.random.default_rng(3), np.random.default_rng(3)
+    V.position_prompt("c", boxes, valid, words, r1, size=64, prob=0.0)
+    V.position_prompt("c", boxes, valid, words, r2, size=64, prob=1.0)
+    assert r1.random() == r2.random()
+    # no valid object: the caption is unchanged
+    assert V.position_prompt("c", boxes, np.zeros(3, bool), words, np.random.default_rng(0), size=64) == "c"
+
+
+def test_vlp_view_prompts_follow_the_crop():
+    """The prompt's block is computed from the box in the view (after crop and flip), not in the source image."""
+    d = DataConfig(views="vlp", image_size=64, max_objects=4, hflip_prob=1.0, crop_scale=(1.0, 1.0))
+    maker = V.VLPView(d, prompts=True)
+    sample = _toy(3)
+    item = maker(sample, np.random.default_rng(0))
+    k = next(i for i, ok in enumerate(item["box_valid"]) if ok and item["words"][i] in item["caption"].split(" . ")[-1])
+    block = V.block_index(item["boxes_view"][k], 64)
+    assert f"The block {block} has a {item['words'][k]} ." in item["caption"]
+    plain = V.VLPView(d, prompts=False)(sample, np.random.default_rng(0))
+    assert item["caption"].startswith(plain["caption"]) and "The block" not in plain["caption"]
+    assert np.array_equal(plain["boxes_view"], item["boxes_view"])  # prompts are drawn after every other decision

@@ -669,8 +669,11 @@ def position_prompt(
     if u >= prob or objects == 0:
         return caption
     picks = [k for k in order if valid[k] and words[k]][:objects]
-    prompts = "".join(PROMPT_TEMPLATE.format(block=block_index(boxes[k], size, grid), object=words[k]) for k in picks)
-    return caption + prompts
+    if not picks:
+        return caption
+    # " . The block 1 has a red circle . The block 9 has a blue cross ."
+    prompts = [PROMPT_TEMPLATE.format(block=block_index(boxes[k], size, grid), object=words[k]) for k in picks]
+    return caption + prompts[0] + "".join(p.removeprefix(" .") for p in prompts[1:])
 
 
 class VLPView:
