@@ -32,3 +32,28 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE
+
+
+# Variables an in-process engine run leaves in os.environ (engine.setup_distributed sets them for a single
+# process); a subprocess launched afterwards must not inherit them, or it joins / re-binds the parent's
+# rendezvous port (EADDRINUSE).
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def clean_env():
+    """os.environ for a subprocess, without the launcher variables of an earlier in-process run."""
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    """FREEATM_CACHE pointed at a fresh folder for one test module (tiny toy worlds are built there)."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("FREEATM_CACHE")
+    os.environ["FREEATM_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("FREEATM_CACHE", None)
+    else:
+        os.environ["FREEATM_CACHE"] = old

@@ -9,7 +9,6 @@ Everything planned on the host (index, label, picked object, validity, boxes, ca
 On a GPU, nvJPEG decodes differently from libjpeg-turbo: the cuda-marked test allows a few levels.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -275,7 +274,7 @@ def test_settings_and_errors(toy):
     assert loader.threads == 3 and loader.device == torch.device("cpu") and len(loader.dataset) == 96
 
 
-def test_train_py_with_dali_on_cpu(tmp_path):
+def test_train_py_with_dali_on_cpu(tmp_path, clean_env):
     """The issue's command: python freeatm_fast/train.py --config mocov2_freeatm train.max_steps=3 data.loader=dali
     (in a temporary run directory; the default toy world comes from the shared cache)."""
     cmd = [
@@ -287,7 +286,7 @@ def test_train_py_with_dali_on_cpu(tmp_path):
         "data.loader=dali",
         f"train.out_dir={tmp_path}/run",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**clean_env, "PYTHONUNBUFFERED": "1"}
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr

@@ -4,7 +4,6 @@ masking mode, checkpoint resume, the reconstruction picture, config errors, and 
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,18 +216,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def toy_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FREEATM_CACHE")
-    os.environ["FREEATM_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("FREEATM_CACHE", None)
-    else:
-        os.environ["FREEATM_CACHE"] = old
-
-
 def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -288,14 +275,14 @@ def test_stop_and_resume_matches_uninterrupted_run(toy_cache, tmp_path):
 
 
 @pytest.mark.parametrize("masking", ["random", "top", "balance"])
-def test_issue_command_line(masking, tmp_path):
+def test_issue_command_line(masking, tmp_path, clean_env):
     """python freeatm_fast/train.py --config mae_freeatm train.max_steps=3 mae.masking=M (in a temporary run
     directory; kNN on the full toy world only for balance, to keep the suite short)."""
     cmd = [sys.executable, "freeatm_fast/train.py", "--config", "mae_freeatm", "train.max_steps=3"]
     cmd += [f"mae.masking={masking}", f"train.out_dir={tmp_path}/run"]
     if masking != "balance":
         cmd.append("eval.knn=false")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=clean_env)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert f"mae.masking={masking}" in out and "step 3/3" in out
