@@ -311,8 +311,10 @@ class VlpConfig:
     max_len: int = 48  # text tokens, special tokens included
     # a local folder or hub id of a BERT checkpoint for the text encoder / decoder; "" = random initialisation
     text_pretrained: str = ""
+    # BLIP's text encoder (ITC / ITM) and decoder; ViLT does not use them (its single-stream transformer is the
+    # ViT of model.backbone: width, depth and heads from model.backbone_kwargs)
     text_width: int = 768
-    text_layers: int = 12  # BLIP: text encoder (ITC / ITM) and decoder depth; ViLT: the single-stream depth
+    text_layers: int = 12
     text_heads: int = 12
     embed_dim: int = 256  # BLIP: ITC projection
     queue_size: int = 57600  # BLIP: momentum feature queue (0 = in-batch only)

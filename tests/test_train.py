@@ -51,9 +51,22 @@ MAE_TINY = [
 ]
 
 
+VLP_TINY = [
+    'model.backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+    "vlp.text_width=32",
+    "vlp.text_layers=1",
+    "vlp.text_heads=2",
+    "vlp.embed_dim=16",
+    "vlp.queue_size=32",
+    "vlp.max_len=32",
+    "vlp.retrieval_max_images=16",
+]
+
+
 def _cfg(name, out_dir, *extra):
     more = ["train.batch_size=4", "data.group_size=2"] if name == "stablerep" else []
     more += MAE_TINY if name.startswith("mae") else []
+    more += VLP_TINY if name.startswith(("blip", "vilt")) else []
     return load_config(name, [*TINY, *more, f"train.out_dir={out_dir}", *extra])
 
 
@@ -75,7 +88,8 @@ def test_every_shipped_config_trains(name, loader, toy_cache, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in rows)
-    if load_config(name).freeatm.enabled:
+    shipped = load_config(name)
+    if shipped.freeatm.enabled and shipped.data.views == "two":  # the instance contrast (VLP: position prompts)
         assert all("loss_inst" in r for r in rows)
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "backbone.safetensors").is_file()
     assert load_config(tmp_path / "run" / "config.yaml") == _cfg(name, tmp_path / "run", f"data.loader={loader}")
