@@ -49,6 +49,8 @@ echo "== data-loading benchmark (two-view pipeline 224², batch 256; target DALI
 "$PY" -m bench.data 2>&1 | tee -a "$LOG"
 echo "== MAE benchmark (ViT-B/16 224², bf16, fused vs eager masking; target >= 600 images/s on one H100)" | tee -a "$LOG"
 "$PY" -m bench.bench_mae 2>&1 | tee -a "$LOG"
+echo "== VLP benchmark (BLIP ViT-B/16 224² + BERT-base text, bf16, batch 64: images/s and peak memory at ZeRO-2 / ZeRO-3; ViLT at ZeRO-2)" | tee -a "$LOG"
+"$PY" -m bench.bench_vlp 2>&1 | tee -a "$LOG"
 
 if [ -n "${OUT:-}" ]; then
   cp bench/results/*.jsonl bench/results/*.md "$LOG" "$OUT"/ 2>/dev/null || true

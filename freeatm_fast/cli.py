@@ -149,6 +149,71 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    """``freeatm eval retrieval --run RUN_DIR``: image-text recall@k of a saved BLIP / ViLT run.
+
+    Rebuilds the method from RUN_DIR/config.yaml with the run's saved tokenizer (``vlp.tokenizer=RUN_DIR/tokenizer``)
+    and no initial backbone weights (``model.pretrained`` cleared: every weight comes from the model file), loads
+    RUN_DIR/model.safetensors strictly, and evaluates on --data (default: the run's ``eval.root``, else the held-out
+    split of its training data). Writes RUN_DIR/eval_retrieval.json, the result with ``source`` naming the data
+    (the end-of-training result stays in RUN_DIR/summary.json).
+    """
+    import dataclasses
+    from pathlib import Path
+
+    try:
+        import torch
+
+        from freeatm_fast.config import load_config
+        from freeatm_fast.data.shards import atomic_write_bytes
+        from freeatm_fast.eval.retrieval import evaluate_retrieval, retrieval_line
+        from freeatm_fast.methods import build_method
+
+        run_dir = Path(args.run)
+        if not run_dir.is_dir():
+            raise NotADirectoryError(f"--run {run_dir}: not a directory")
+        config_file = run_dir / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: the run directory has no config.yaml")
+        tokenizer = run_dir / "tokenizer"
+        if not tokenizer.is_dir():
+            raise FileNotFoundError(f"{tokenizer}: the run directory has no saved tokenizer (BLIP / ViLT runs save it)")
+        model_file = run_dir / "model.safetensors"
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{model_file}: the run directory has no model file (written when a run finishes)")
+        cfg = load_config(config_file)
+        cfg = dataclasses.replace(
+            cfg,
+            vlp=dataclasses.replace(cfg.vlp, tokenizer=str(tokenizer)),
+            model=dataclasses.replace(cfg.model, pretrained=""),
+            eval=cfg.eval if args.image_size is None else dataclasses.replace(cfg.eval, image_size=args.image_size),
+        )
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        method = build_method(cfg)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(model_file))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{model_file}: not a readable safetensors file ({exc})") from exc
+        fit = f"{model_file}: does not fit method {cfg.method!r} of {config_file}"
+        try:  # strict: every key of the method and no other (checked below, for a one-line message)
+            missing, unexpected = method.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"{fit}: {' '.join(str(exc).split())}") from exc
+        if missing or unexpected:
+            raise ValueError(f"{fit}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        method.to(device)
+        result = evaluate_retrieval(method, cfg, device=device, root=args.data or "", max_images=args.max_images)
+        result.update(method=cfg.method, run=str(run_dir), model_file=str(model_file), device=str(device))
+        atomic_write_bytes(run_dir / "eval_retrieval.json", (json.dumps(result, indent=1) + "\n").encode("utf-8"))
+    except (ValueError, OSError, ImportError) as exc:  # ConfigError and ShardError are ValueErrors
+        return _fail("eval", exc)
+    print(json.dumps(result) if args.json else retrieval_line(result))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -219,13 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="kNN or linear-probe accuracy of a trained backbone",
+        help="kNN or linear-probe accuracy of a trained backbone; retrieval recall of a BLIP / ViLT run",
         description="Evaluate a backbone on frozen features: weighted kNN or a linear probe, trained on TRAIN and "
         "scored on VAL (labelled shard directories or ImageFolders; default: the run's eval.train_root / eval.root, "
         "and the toy world's train / val split when those are empty). Prints one line (or JSON with --json); with "
         "--run, also writes RUN_DIR/eval_<kind>.json.",
     )
-    ev_sub = ev.add_subparsers(dest="eval_kind", required=True, metavar="{knn,linear}")
+    ev_sub = ev.add_subparsers(dest="eval_kind", required=True, metavar="{knn,linear,retrieval}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run", metavar="RUN_DIR", help="a training run: its config.yaml and backbone.safetensors")
     common.add_argument("--backbone", metavar="FILE", help="a backbone .safetensors (default: RUN_DIR's)")
@@ -247,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     linear.add_argument("--epochs", type=_positive_int, help="default: eval.linear_epochs")
     linear.add_argument("--lr", type=float, help="default: eval.linear_lr")
     linear.set_defaults(func=_cmd_eval)
+    retrieval = ev_sub.add_parser(
+        "retrieval",
+        help="image-text retrieval recall@1/5/10 of a BLIP / ViLT run",
+        description="Image->text and text->image recall@1/5/10 of a finished BLIP / ViLT run (its config.yaml, "
+        "tokenizer/ and model.safetensors) on held-out image-caption pairs: --data (a shard directory, or a folder "
+        "of images with captions.json in the COCO Karpathy or a [{image, caption}] list format), default the run's "
+        "eval.root, else the held-out split of its training data. Prints one line (or JSON with --json) and writes "
+        "RUN_DIR/eval_retrieval.json, the data recorded in its 'source'.",
+    )
+    retrieval.add_argument("--run", metavar="RUN_DIR", required=True, help="a finished BLIP / ViLT training run")
+    retrieval.add_argument("--data", metavar="FOLDER_OR_SHARDS", help="image-caption pairs (default: see above)")
+    retrieval.add_argument("--max-images", type=int, metavar="N", help="first N images (0 = all; default: config)")
+    retrieval.add_argument("--image-size", type=_positive_int, metavar="N", help="side (default: eval/data config)")
+    retrieval.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: cuda when available)")
+    retrieval.add_argument("--json", action="store_true", help="print the full result as JSON")
+    retrieval.set_defaults(func=_cmd_eval_retrieval)
     return parser
 
 

@@ -40,10 +40,17 @@ def kernel_device():
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+_USER_CACHE = os.environ.get("FREEATM_CACHE")  # before any toy_cache fixture points it at a temporary folder
+
+
 @pytest.fixture
 def clean_env():
-    """os.environ for a subprocess, without the launcher variables of an earlier in-process run."""
-    return {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    """os.environ for a subprocess, without the launcher variables of an earlier in-process run, and with the
+    user's FREEATM_CACHE (the default toy world is built once there, not in a module's temporary cache)."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and k != "FREEATM_CACHE"}
+    if _USER_CACHE is not None:
+        env["FREEATM_CACHE"] = _USER_CACHE
+    return env
 
 
 @pytest.fixture(scope="module")

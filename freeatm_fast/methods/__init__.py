@@ -27,6 +27,8 @@ METHOD_REGISTRY: dict[str, str] = {
     "detcon": "freeatm_fast.methods.detcon:DetCon",
     "multicrop": "freeatm_fast.methods.multicrop:Multicrop",
     "mae": "freeatm_fast.methods.mae:MAE",
+    "blip": "freeatm_fast.methods.blip:BLIP",
+    "vilt": "freeatm_fast.methods.vilt:ViLT",
 }
 
 
