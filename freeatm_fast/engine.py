@@ -17,6 +17,7 @@ wall time) are measured on the host between log points.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -261,7 +262,7 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
     import deepspeed
 
     from freeatm_fast.data.loader import build_loader
-    from freeatm_fast.methods import build_method
+    from freeatm_fast.methods import build_method, method_class
     from freeatm_fast.optim import build_optimizer, build_scheduler, scaled_lr
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -292,7 +293,22 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
 
     # identical initial weights on every rank (DeepSpeed also broadcasts them from rank 0)
     _seed_everything(t.seed)
-    method = build_method(cfg)
+    method_cfg = cfg
+    if method_class(cfg.method).uses_tokenizer and not cfg.vlp.tokenizer:
+        # one offline tokenizer per run: trained on rank 0 into the run directory (or the resumed run's), loaded
+        # by every rank; the saved config keeps vlp.tokenizer empty
+        from freeatm_fast.methods.text import run_tokenizer
+
+        tok_dir = run_tokenizer(
+            cfg,
+            run_dir,
+            is_main=dist.is_main,
+            barrier=torch.distributed.barrier,
+            resume_dir=resume_dir.parent if resume_tag is not None else None,
+        )
+        method_cfg = dataclasses.replace(cfg, vlp=dataclasses.replace(cfg.vlp, tokenizer=str(tok_dir)))
+        _seed_everything(t.seed)  # the tokenizer's data pass must not change the initial weights
+    method = build_method(method_cfg)
     if dist.is_main:
         method.save_artifacts(run_dir)
     # model.channels_last puts the *inputs* in channels_last: cuDNN then picks NHWC convolutions (it follows the

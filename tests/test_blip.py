@@ -3,10 +3,8 @@ no host sync in a training step, the attention patterns of the text encoder and 
 EMA, the feature queues, the hard-negative sampler, retrieval scores with and without ITM re-ranking, loading a
 BERT checkpoint, config errors, training through the engine, and the issue's command line."""
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from freeatm_fast.config import ConfigError, config_from_dict, load_config
 from freeatm_fast.methods import build_method
-from freeatm_fast.methods.blip import BLIP, RERANK_LOW, sample_rows
+from freeatm_fast.methods.blip import BLIP, RERANK_LOW, hard_negatives, sample_rows
 from freeatm_fast.methods.text import build_tokenizer, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +33,6 @@ TINY_VLP = {
     "vocab_size": 300,
 }
 TOY_DATA = {"toy_train_images": 96, "toy_val_images": 48, "toy_image_size": 32, "num_workers": 0}
-HAS_RETRIEVAL_EVAL = importlib.util.find_spec("freeatm_fast.eval.retrieval") is not None
 CAPTIONS = [
     "a red circle on a striped background",
     "a small blue star and a green square on a dotted background . The block 3 has a blue star .",
@@ -44,19 +41,6 @@ CAPTIONS = [
     "a blue square and a small yellow star on a gradient background",
     "a white ring on a striped background . The block 9 has a white ring .",
 ]
-
-
-@pytest.fixture(scope="module")
-def toy_cache(tmp_path_factory):
-    """The tokenizer is trained on the toy world's captions: a small toy world in a temporary cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("FREEATM_CACHE")
-    os.environ["FREEATM_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("FREEATM_CACHE", None)
-    else:
-        os.environ["FREEATM_CACHE"] = old
 
 
 def tiny_cfg(vlp=None, **sections):
@@ -162,14 +146,29 @@ def test_each_loss_back_propagates_into_the_image_encoder_and_the_text_models(to
 def test_forward_combines_the_weighted_losses(toy_cache):
     model = tiny_model(itm_weight=0.5, lm_weight=2.0).eval()  # eval: no dropout, deterministic apart from sampling
     batch = _batch()
+    ids, mask = tokenize(model.tokenizer, batch["caption"], model.cfg.vlp.max_len)
+    # ITC by hand (before the forward enqueues): soft targets 0.4 * softmax(momentum sims) + 0.6 * one-hot over
+    # [batch momentum features; queue], temperature 0.07, mean of both directions
+    with torch.no_grad():
+        img = model.image_features(model.image_tokens(batch["image"]))
+        txt = model.text_features(ids, mask)
+        img_m, txt_m = model.momentum_features(batch["image"], ids, mask)
+        keys_t, keys_i = torch.cat([txt_m, model.text_queue]), torch.cat([img_m, model.image_queue])
+        one_hot = torch.eye(6, keys_t.shape[0])
+
+        def soft_ce(anchor, anchor_m, keys):
+            target = 0.4 * F.softmax(anchor_m @ keys.T / 0.07, dim=1) + 0.6 * one_hot
+            return -(F.log_softmax(anchor @ keys.T / 0.07, dim=1) * target).sum(1).mean()
+
+        want_itc = (soft_ce(img, img_m, keys_t) + soft_ce(txt, txt_m, keys_i)) / 2
     torch.manual_seed(3)
     out = model(batch)
+    assert float(out["loss_itc"]) == pytest.approx(float(want_itc), rel=1e-5)
     assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_lm", "acc_itm"}
     assert all(not v.requires_grad for k, v in out.items() if k != "loss") and out["loss"].requires_grad
     want = out["loss_itc"] + 0.5 * out["loss_itm"] + 2.0 * out["loss_lm"]
     assert float(out["loss"].detach()) == pytest.approx(float(want), rel=1e-6)
     # LM loss by hand: next-token cross-entropy with label smoothing 0.1 over the real tokens after [DEC]
-    ids, mask = tokenize(model.tokenizer, batch["caption"], model.cfg.vlp.max_len)
     with torch.no_grad():
         image = model.image_to_text(model.image_tokens(batch["image"]))
         dec = ids.clone()
@@ -248,7 +247,7 @@ def test_ema_moves_the_momentum_encoders_toward_the_online_ones(toy_cache):
         for t0, t1, o in zip(ts, m.parameters(), online.parameters(), strict=True):
             assert torch.allclose(t1, 0.9 * t0 + 0.1 * o.detach(), atol=1e-6)
     assert gap() == pytest.approx(0.9 * gap_before, rel=1e-4)
-    assert float(model.temp) == 0.5
+    assert float(model.temp.detach()) == 0.5
 
 
 def test_queues_take_the_momentum_features(toy_cache):
@@ -288,12 +287,30 @@ def test_negative_sampler_matches_multinomial():
         assert (freq - p).abs().max() < 0.015, (freq, p)
         assert (ref_freq - p).abs().max() < 0.015
         assert freq[w[row] == 0].sum() == 0
-    # the ITM negatives: softmax + 1e-4 with the diagonal zeroed never draws the positive
-    sim = torch.randn(64, 64) * 10
-    weights = F.softmax(sim, dim=1) + 1e-4
-    weights.fill_diagonal_(0)
-    for _ in range(20):
-        assert (sample_rows(weights) != torch.arange(64)).all()
+
+
+def test_hard_negatives_are_similar_but_never_the_positive():
+    torch.manual_seed(0)
+    B = 16
+    rows = torch.arange(B)
+    hard = (rows + 3) % B  # the most similar wrong partner of each row
+    sim = torch.zeros(B, B)
+    sim[rows, rows] = 4.0
+    sim[rows, hard] = 8.0
+    picks_text, picks_image = [], []
+    for _ in range(200):
+        neg_text, neg_image = hard_negatives(sim, sim.T.contiguous())
+        assert neg_text.dtype == neg_image.dtype == torch.int64 and neg_text.shape == (B,)
+        assert (neg_text != rows).all() and (neg_image != rows).all()
+        picks_text.append(neg_text)
+        picks_image.append(neg_image)
+    # softmax weights ~e^8 vs 1 for the 14 others (the positive zeroed): the hard partner ~99.5% of the time
+    assert (torch.stack(picks_text) == hard).float().mean() > 0.97
+    assert (torch.stack(picks_image) == torch.argsort(hard)).float().mean() > 0.97
+    # nearly uniform similarities: every other index gets drawn
+    draws = torch.stack([hard_negatives(torch.zeros(4, 4), torch.zeros(4, 4))[0] for _ in range(300)])
+    for i in range(4):
+        assert set(draws[:, i].tolist()) == set(range(4)) - {i}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,7 +430,7 @@ def _metrics(run_dir) -> list[dict]:
 def test_training_steps_through_the_engine(name, toy_cache, tmp_path):
     from freeatm_fast.engine import train
 
-    retrieval = HAS_RETRIEVAL_EVAL and name == "blip_freeatm"  # one engine run with the retrieval eval
+    retrieval = name == "blip_freeatm"  # one engine run with the retrieval eval
     extra = ["eval.retrieval=true", "vlp.retrieval_max_images=16"] if retrieval else ["eval.retrieval=false"]
     run = tmp_path / "run"
     summary = train(load_config(name, [*TINY, *extra, f"train.out_dir={run}"]))
@@ -440,21 +457,16 @@ def test_training_steps_through_the_engine(name, toy_cache, tmp_path):
         assert (run / "eval_retrieval.json").is_file()
 
 
-def test_issue_command_line(tmp_path):
+def test_issue_command_line(tmp_path, clean_env):
     """python freeatm_fast/train.py --config blip_freeatm train.max_steps=3 train.out_dir=<tmp> (the full toy
-    config; retrieval on 1,000 held-out images when the eval module exists)."""
+    config; retrieval on 1,000 held-out images)."""
     cmd = [sys.executable, "freeatm_fast/train.py", "--config", "blip_freeatm", "train.max_steps=3"]
     cmd += [f"train.out_dir={tmp_path}/run"]
-    if not HAS_RETRIEVAL_EVAL:
-        cmd.append("eval.retrieval=false")
-    # a fresh launch: not the process-group variables an engine test in this process left in os.environ
-    launch = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launch}
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    # a fresh one-process group, the full toy world where the user keeps it (conftest's clean_env)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=clean_env)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "method=blip freeatm=on" in out and "step 3/3" in out
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
-    if HAS_RETRIEVAL_EVAL:
-        assert "retrieval i2t R@1/5/10" in out
-        assert (tmp_path / "run" / "eval_retrieval.json").is_file()
+    assert "retrieval i2t R@1/5/10" in out
+    assert (tmp_path / "run" / "eval_retrieval.json").is_file()

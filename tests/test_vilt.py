@@ -3,7 +3,6 @@ statistics, padding that cannot change the other positions, ITM negatives that n
 forward/backward without host syncs, retrieval scores in chunks, text_pretrained and config errors, training
 through the engine (vilt, vilt_freeatm) and the issue's command line."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from freeatm_fast.config import ConfigError, config_from_dict, load_config
 from freeatm_fast.methods import build_method
-from freeatm_fast.methods.text import _train_wordpiece, save_tokenizer, tokenize
+from freeatm_fast.methods.text import _train_wordpiece, run_tokenizer, save_tokenizer, tokenize
 from freeatm_fast.methods.vilt import ViLT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +32,6 @@ CAPTIONS = [
     "a yellow star",
     "a blue cross and a red triangle on a striped background",
 ]
-# the retrieval eval is written by another engineer at the same time: use it when it is there
-HAS_RETRIEVAL_EVAL = importlib.util.find_spec("freeatm_fast.eval.retrieval") is not None
 
 
 @pytest.fixture(scope="module")
@@ -349,10 +346,10 @@ def _metrics(run_dir) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["vilt", "vilt_freeatm"])
 def test_training_steps(name, toy_cache, tmp_path):
-    """Three steps through the engine; with the retrieval eval present, vilt_freeatm also runs it on 16 images."""
+    """Three steps through the engine; vilt_freeatm also runs the retrieval eval on 16 images."""
     from freeatm_fast.engine import train
 
-    retrieval = HAS_RETRIEVAL_EVAL and name == "vilt_freeatm"
+    retrieval = name == "vilt_freeatm"
     extra = ["eval.retrieval=true", "vlp.retrieval_max_images=16"] if retrieval else ["eval.retrieval=false"]
     run = tmp_path / "run"
     summary = train(load_config(name, [*TINY, *extra, f"train.out_dir={run}"]))
@@ -370,6 +367,34 @@ def test_training_steps(name, toy_cache, tmp_path):
         assert "retrieval" in summary["eval"] and (run / "eval_retrieval.json").is_file()
 
 
+def test_tokenizer_trained_once_per_run_and_kept_on_resume(toy_cache, tmp_path):
+    """tokenizers' WordPiece trainer orders its vocabulary by hash-map order (two trainings on the same captions
+    differ); the engine trains it once into the run directory and a resumed run loads that file unchanged."""
+    from freeatm_fast.engine import train
+
+    cfg = load_config("vilt", [*TINY, "eval.retrieval=false"])
+    run = tmp_path / "run"
+    args = [*TINY, "eval.retrieval=false", f"train.out_dir={run}"]
+    train(load_config("vilt", [*args, "train.stop_at=2"]))  # stops with a checkpoint after step 2
+    saved = (run / "tokenizer" / "tokenizer.json").read_bytes()
+    summary = train(load_config("vilt", args))  # resumes at step 2
+    assert summary["steps"] == 3 and [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == saved  # loaded, not retrained
+    assert len(_tokenizer(run / "tokenizer")) == _saved_vocab(run)
+
+    # run_tokenizer alone: a resume from another run's checkpoints copies that run's tokenizer
+    other = tmp_path / "other"
+    barriers = []
+    got = run_tokenizer(cfg, other, is_main=True, barrier=lambda: barriers.append(1), resume_dir=run)
+    assert got == other / "tokenizer" and (got / "tokenizer.json").read_bytes() == saved and barriers == [1]
+    # a resumed run without its tokenizer: a clear error, nothing trained
+    with pytest.raises(FileNotFoundError, match="tokenizer is missing"):
+        run_tokenizer(cfg, tmp_path / "third", is_main=True, barrier=lambda: None, resume_dir=tmp_path / "nowhere")
+    # a non-main rank only waits, then loads the folder rank 0 wrote
+    assert run_tokenizer(cfg, run, is_main=False, barrier=lambda: None) == run / "tokenizer"
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == saved
+
+
 def _saved_vocab(run_dir) -> int:
     """The MLM decoder's output size in the saved model (= the saved tokenizer's length)."""
     from safetensors import safe_open
@@ -383,8 +408,6 @@ def test_issue_command_line(tmp_path, clean_env):
     config on the full toy world)."""
     cmd = [sys.executable, "freeatm_fast/train.py", "--config", "vilt_freeatm", "train.max_steps=3"]
     cmd.append(f"train.out_dir={tmp_path}/run")
-    if not HAS_RETRIEVAL_EVAL:
-        cmd.append("eval.retrieval=false")
     # a fresh one-process group, the full toy world where the user keeps it (conftest's clean_env)
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=clean_env)
     out = res.stdout + res.stderr
@@ -392,5 +415,4 @@ def test_issue_command_line(tmp_path, clean_env):
     assert "method=vilt freeatm=on" in out and "step 3/3" in out and "loss_mlm" in out and "loss_itm" in out
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
     assert (tmp_path / "run" / "model.safetensors").is_file()
-    if HAS_RETRIEVAL_EVAL:
-        assert (tmp_path / "run" / "eval_retrieval.json").is_file() and "retrieval i2t R@1/5/10" in out
+    assert (tmp_path / "run" / "eval_retrieval.json").is_file() and "retrieval i2t R@1/5/10" in out

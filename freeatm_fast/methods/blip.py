@@ -247,6 +247,19 @@ def sample_rows(weights: torch.Tensor) -> torch.Tensor:
     return (weights / q).argmax(dim=1)
 
 
+@torch.no_grad()
+def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's ITM negatives from the in-batch ITC similarities [B,B] (row i: image i against the texts, text i
+    against the images; the positive on the diagonal): for each image a text and for each text an image, drawn
+    from ``softmax(similarities) + 1e-4`` (every other pair stays possible) with the positive zeroed. Returns
+    (negative text of each image, negative image of each text), int64 [B] each, on the device."""
+    w_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4
+    w_i2t.fill_diagonal_(0)
+    w_t2i = F.softmax(sim_t2i.float(), dim=1) + 1e-4
+    w_t2i.fill_diagonal_(0)
+    return sample_rows(w_i2t), sample_rows(w_t2i)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the method
 
@@ -254,6 +267,8 @@ def sample_rows(weights: torch.Tensor) -> torch.Tensor:
 class BLIP(Method):
     """BLIP pretraining (module docstring). Batch (``data.views=vlp``): "image" float [B,3,S,S] and "caption"
     list[str] [B]."""
+
+    uses_tokenizer = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -434,14 +449,7 @@ class BLIP(Method):
         """ITM over B positive pairs and 2B hard negatives. ids, mask [B,T]; image tokens at the text width
         [B,1+L,W]; in-batch similarities [B,B] (rows: anchors). Returns (loss, accuracy detached)."""
         B = ids.shape[0]
-        with torch.no_grad():
-            # BLIP: softmax + 1e-4 (every other pair stays possible), the positive pair zeroed
-            w_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4
-            w_i2t.fill_diagonal_(0)
-            w_t2i = F.softmax(sim_t2i.float(), dim=1) + 1e-4
-            w_t2i.fill_diagonal_(0)
-            neg_text = sample_rows(w_i2t)  # [B] a text for each image
-            neg_image = sample_rows(w_t2i)  # [B] an image for each text
+        neg_text, neg_image = hard_negatives(sim_i2t, sim_t2i)
         pair_ids = torch.cat([ids, ids, ids[neg_text]])
         pair_mask = torch.cat([mask, mask, mask[neg_text]])
         pair_image = torch.cat([image, image[neg_image], image])

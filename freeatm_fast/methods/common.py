@@ -392,6 +392,10 @@ class Method(nn.Module):
     """
 
     backbone: nn.Module
+    #: True for methods that tokenise captions with :func:`freeatm_fast.methods.text.build_tokenizer` (BLIP,
+    #: ViLT): the engine then trains the offline tokenizer once, on rank 0, into the run directory, and every rank
+    #: (and a resumed run) loads that one (:func:`freeatm_fast.methods.text.run_tokenizer`).
+    uses_tokenizer: bool = False
 
     def __init__(self, cfg) -> None:
         super().__init__()

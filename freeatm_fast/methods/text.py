@@ -7,7 +7,10 @@
 - ``vlp.tokenizer`` empty (offline default): a BERT-style WordPiece tokenizer (lower-casing, BERT
   pre-tokenisation, ``[CLS] text [SEP]``) trained with ``tokenizers`` on every distinct caption of the training
   data plus the words of the Free-ATM position prompts (block numbers 1..grid^2), ``vlp.vocab_size`` tokens.
-  Deterministic: every rank, and a resumed run, trains the same vocabulary from the same captions.
+  ``tokenizers``' trainer is not deterministic (its alphabet and tie-breaks follow hash-map order: two trainings
+  on the same captions give different token ids), so a training run never trains it on more than one process:
+  :func:`run_tokenizer` (called by the engine before it builds the method) trains it once on rank 0 into
+  ``<out_dir>/tokenizer``, every rank loads that folder, and a resumed run loads the folder it saved.
 
 Every tokenizer gets BLIP's two extra tokens: ``[DEC]`` (``bos_token``: starts a caption for the decoder) and
 ``[ENC]`` (first token of the text fed to the image-grounded encoder for ITM); ``[MASK]`` is ensured for ViLT's
@@ -25,7 +28,15 @@ import torch
 
 from freeatm_fast.config import ConfigError
 
-__all__ = ["DEC_TOKEN", "ENC_TOKEN", "build_tokenizer", "save_tokenizer", "tokenize", "training_captions"]
+__all__ = [
+    "DEC_TOKEN",
+    "ENC_TOKEN",
+    "build_tokenizer",
+    "run_tokenizer",
+    "save_tokenizer",
+    "tokenize",
+    "training_captions",
+]
 
 DEC_TOKEN = "[DEC]"
 ENC_TOKEN = "[ENC]"
@@ -106,6 +117,37 @@ def save_tokenizer(tokenizer, run_dir: str | os.PathLike) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    return out
+
+
+def run_tokenizer(
+    cfg: Any, run_dir: str | os.PathLike, *, is_main: bool, barrier, resume_dir: str | os.PathLike | None = None
+) -> Path:
+    """The tokenizer folder every process of a training run loads (``vlp.tokenizer`` empty; module docstring).
+
+    Fresh run: rank 0 (``is_main``) trains the WordPiece tokenizer and saves it to ``run_dir/tokenizer``.
+    Resumed run (``resume_dir``: the run directory whose checkpoint is resumed): the tokenizer that run saved,
+    copied into ``run_dir`` when it is another directory; a FileNotFoundError naming the folder when it is missing
+    (training again would give different ids than the checkpoint learned). ``barrier()`` is called by every rank
+    after rank 0 has written; returns ``run_dir/tokenizer``."""
+    out = Path(run_dir) / "tokenizer"
+    if is_main:
+        if resume_dir is None:
+            save_tokenizer(build_tokenizer(cfg), run_dir)
+        else:
+            saved = Path(resume_dir) / "tokenizer"
+            if not (saved / "tokenizer.json").is_file():
+                raise FileNotFoundError(
+                    f"{saved}: the resumed run's tokenizer is missing (a retrained one would not match the "
+                    f"checkpoint's token ids); restore it or set vlp.tokenizer to the tokenizer the run used"
+                )
+            if saved.resolve() != out.resolve():
+                tmp = out.with_name(f".tokenizer.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(saved, tmp)
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp, out)
+    barrier()
     return out
 
 

@@ -114,6 +114,8 @@ class MLMHead(nn.Module):
 class ViLT(Method):
     """ViLT (MLM + ITM) on a timm ViT. Batch (data.views=vlp): "image" [B,3,S,S], "caption" list[str] [B]."""
 
+    uses_tokenizer = True
+
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         from transformers import BertConfig
