@@ -20,6 +20,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_main((["--config", args.config] if args.config else []) + list(args.overrides))
 
 
+def _cmd_toy_train(args: argparse.Namespace) -> int:
+    from freeatm_fast.toy.train import parse_overrides, toy_train
+
+    try:
+        cfg = parse_overrides(list(args.overrides))
+        summary = toy_train(cfg, log=lambda msg: print(msg, flush=True))
+    except (ValueError, OSError) as exc:
+        return _fail("toy-train", exc)
+    print(json.dumps(summary))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from freeatm_kernels.info import main as info_main
 
@@ -38,35 +50,57 @@ def _fail(command: str, exc: BaseException) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from freeatm_fast.generate.aggregate import AggregateConfig
     from freeatm_fast.generate.capture import CaptureConfig
-    from freeatm_fast.generate.models import UnsupportedModelError
-    from freeatm_fast.generate.sampler import GenerateConfig, generate
+    from freeatm_fast.generate.models import UnsupportedModelError, model_defaults
+    from freeatm_fast.generate.sampler import GenerateConfig
 
     try:
-        config = GenerateConfig(
-            model=args.model,
-            prompts=args.prompts,
-            objects=args.objects,
-            num_images=args.num_images,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            guidance=args.guidance,
-            scheduler=args.scheduler,
-            seed=args.seed,
-            size=args.size,
-            mask_size=args.mask_size,
-            shard_size=args.shard_size,
-            jpeg_quality=args.jpeg_quality,
-            out=args.out,
-            device=args.device,
-            dtype=args.dtype,
-            capture=CaptureConfig(backend=args.backend),
-        )
+        config = generate_config_from_args(args, GenerateConfig, CaptureConfig, AggregateConfig, model_defaults)
+        from freeatm_fast.generate.sampler import generate
+
         summary = generate(config, progress=not args.quiet)
     except (ValueError, OSError, UnsupportedModelError) as exc:  # ShardError is a ValueError
         return _fail("generate", exc)
     print(json.dumps(summary))
     return 0
+
+
+def generate_config_from_args(args, GenerateConfig, CaptureConfig, AggregateConfig, model_defaults):
+    """The GenerateConfig of ``freeatm generate``: command-line values, else the model's own defaults
+    (``models.model_defaults``: the toy model's measured recipe), else GenerateConfig's (SD's)."""
+    base = GenerateConfig()
+    shipped = model_defaults(args.model)
+
+    def pick(name, default):
+        value = getattr(args, name)
+        return value if value is not None else shipped.get(name, default)
+
+    resolutions = shipped.get("resolutions")
+    return GenerateConfig(
+        model=args.model,
+        prompts=args.prompts,
+        objects=args.objects,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        steps=pick("steps", base.steps),
+        guidance=pick("guidance", base.guidance),
+        scheduler=pick("scheduler", base.scheduler),
+        seed=args.seed,
+        size=args.size,
+        mask_size=args.mask_size,
+        shard_size=args.shard_size,
+        jpeg_quality=args.jpeg_quality,
+        out=args.out,
+        device=args.device,
+        dtype=args.dtype,
+        capture=CaptureConfig(
+            backend=args.backend,
+            resolutions=tuple(resolutions) if resolutions else None,
+            window=tuple(shipped.get("window", (0.0, 1.0))),
+        ),
+        aggregate=AggregateConfig(tau=float(shipped.get("tau", base.aggregate.tau))),
+    )
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -214,6 +248,38 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_masks(args: argparse.Namespace) -> int:
+    """``freeatm eval masks``: per-word mIoU / pointing of the free masks (shard mode or re-noise mode)."""
+    try:
+        from freeatm_fast.eval.masks import evaluate_renoise, evaluate_shards, summary_line
+
+        if args.toyworld:
+            if args.dir is not None:
+                raise ValueError(f"give DIR (shard mode) or --toyworld (re-noise mode), not both (DIR={args.dir})")
+            if not args.model or not args.out:
+                raise ValueError("re-noise mode (--toyworld) needs --model MODEL and --out OUT")
+            result = evaluate_renoise(
+                args.model, out=args.out, num_images=args.images, num_timesteps=args.timesteps,
+                image_size=args.image_size, mask_size=args.mask_size, batch_size=args.batch_size, seed=args.seed,
+                device=args.device, dtype=args.dtype, backend=args.backend, progress=not args.json,
+            )  # fmt: skip
+        else:
+            if args.dir is None:
+                raise ValueError("give a shard directory DIR (shard mode), or --model MODEL --toyworld (re-noise mode)")
+            if args.model:
+                raise ValueError(
+                    "--model belongs to re-noise mode: add --toyworld, or leave it out to score DIR's masks"
+                )
+            result = evaluate_shards(
+                args.dir, reference=args.reference, out=args.out, max_samples=args.max_samples, tau=args.tau,
+                colour_distance=args.colour_distance, skip_unknown=args.skip_unknown,
+            )  # fmt: skip
+    except (ValueError, OSError, ImportError, NotImplementedError) as exc:  # UnsupportedModelError: NotImplemented
+        return _fail("eval masks", exc)
+    print(json.dumps(result) if args.json else summary_line(result))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -238,14 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
         "same command resumes: complete shards are skipped. Data parallel over RANK/WORLD_SIZE (torchrun, "
         "deepspeed launcher); LOCAL_RANK picks the GPU. Prints a JSON summary on stdout.",
     )
-    gen.add_argument("--model", default="tiny-random", help="tiny-random, a local diffusers folder or a hub id")
-    gen.add_argument("--prompts", required=True, help="prompt file, builtin:imagenet or builtin:imagenet:N")
+    gen.add_argument(
+        "--model",
+        default="tiny-random",
+        help="tiny-random, toy (the shipped toy-world model), a toy-train model folder, a local diffusers folder or "
+        "a hub id",
+    )
+    gen.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file, builtin:imagenet[:N], builtin:toyworld[:N] (toy-world captions, colour words marked), "
+        "builtin:toyworld-shapes[:N] or builtin:toyworld-words[:N]",
+    )
     gen.add_argument("--objects", default=None, metavar="FILE", help="vocabulary matched against unbracketed prompts")
     gen.add_argument("--num-images", type=_positive_int, required=True, help="N: samples in the data set")
     gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per pipeline call (default 8)")
-    gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
+    gen.add_argument(
+        "--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 50)"
+    )
+    gen.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's, else 7.5)"
+    )
+    gen.add_argument("--scheduler", choices=("ddim", "dpm"), default=None, help="default: the model's, else ddim")
     gen.add_argument("--seed", type=int, default=0, help="base seed; sample i uses seed*1000003+i (default 0)")
     gen.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     gen.add_argument("--mask-size", type=int, default=None, help="mask side (default: the latent size)")
@@ -282,15 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     tr.set_defaults(func=_cmd_train)
 
+    toy = sub.add_parser(
+        "toy-train",
+        help="train the toy text-to-image model of the toy world (CPU, or GPU when present; resumable)",
+        description="Train the toy world's text-to-image model (freeatm_fast/toy): v-prediction on toy-world "
+        "train images at 32x32, EMA weights exported to OUT_DIR/model (load with --model OUT_DIR/model). "
+        "Rerunning the same command continues from OUT_DIR/checkpoint.pt. Settings: key=value "
+        "(out_dir, steps, batch_size, lr, ema, caption_dropout, shape_only_prob, pool_images, seed, device, "
+        "stop_at, model.text_layers, ...; see freeatm_fast/toy/train.py).",
+    )
+    toy.add_argument("overrides", nargs="*", help="key=value settings, e.g. steps=2500 out_dir=runs/toy")
+    toy.set_defaults(func=_cmd_toy_train)
+
     ev = sub.add_parser(
         "eval",
-        help="kNN or linear-probe accuracy of a trained backbone; retrieval recall of a BLIP / ViLT run",
+        help="kNN or linear-probe accuracy of a trained backbone; retrieval recall of a BLIP / ViLT run; mask quality",
         description="Evaluate a backbone on frozen features: weighted kNN or a linear probe, trained on TRAIN and "
         "scored on VAL (labelled shard directories or ImageFolders; default: the run's eval.train_root / eval.root, "
         "and the toy world's train / val split when those are empty). Prints one line (or JSON with --json); with "
         "--run, also writes RUN_DIR/eval_<kind>.json.",
     )
-    ev_sub = ev.add_subparsers(dest="eval_kind", required=True, metavar="{knn,linear,retrieval}")
+    ev_sub = ev.add_subparsers(dest="eval_kind", required=True, metavar="{knn,linear,retrieval,masks}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run", metavar="RUN_DIR", help="a training run: its config.yaml and backbone.safetensors")
     common.add_argument("--backbone", metavar="FILE", help="a backbone .safetensors (default: RUN_DIR's)")
@@ -328,6 +420,49 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: cuda when available)")
     retrieval.add_argument("--json", action="store_true", help="print the full result as JSON")
     retrieval.set_defaults(func=_cmd_eval_retrieval)
+    masks = ev_sub.add_parser(
+        "masks",
+        help="free-mask quality: per-word mIoU and pointing accuracy (shard directory, or re-noised toy world)",
+        description="Score the free attention masks word by word: mIoU of the binary masks (argmax against tau, "
+        "DESIGN §4) and pointing accuracy (the most attended pixel inside the reference), per word, word kind "
+        "(colour / shape / phrase / other) and overall. SHARD MODE, `freeatm eval masks DIR`: the soft masks stored by "
+        "freeatm generate in DIR, against the exact masks of --reference REF_DIR (same keys and object order) or "
+        "else a colour segmentation of each generated image (toy-world captions name every object's colour). "
+        "RE-NOISE MODE, `freeatm eval masks --model MODEL --toyworld --out OUT`: held-out toy-world images noised to "
+        "a grid of timesteps and denoised by one UNet forward each with the map capture on, scored against their "
+        "exact masks per word kind x resolution x timestep window; the mask recipe (resolutions, window, upsampling, "
+        "tau) with the best colour-word mIoU on a validation split is reported on a separate test split. Writes "
+        "OUT/eval_masks.json and OUT/eval_masks.png (image | soft mask | binary mask | reference per word) and "
+        "prints one summary line (or the JSON with --json).",
+    )
+    masks.add_argument(
+        "dir", nargs="?", metavar="DIR", help="shard mode: a shard directory written by freeatm generate"
+    )
+    masks.add_argument("--out", metavar="OUT", help="output folder (shard mode default: DIR; needed in re-noise mode)")
+    masks.add_argument("--reference", metavar="REF_DIR", help="shard mode: exact masks (default: colour segmentation)")
+    masks.add_argument("--max-samples", type=int, metavar="N", help="shard mode: first N samples only (default: all)")
+    masks.add_argument("--tau", type=float, help="shard mode: background score (default: DIR's generator's, else 0.4)")
+    masks.add_argument(
+        "--colour-distance", type=float, default=60.0, metavar="D", help="shard mode: RGB radius of a colour (60)"
+    )
+    masks.add_argument("--skip-unknown", action="store_true", help="shard mode: skip words without a colour, counted")
+    masks.add_argument(
+        "--toyworld", action="store_true", help="re-noise mode: held-out toy-world images (needs --model)"
+    )
+    masks.add_argument("--model", metavar="MODEL", help="re-noise mode: tiny-random, toy, a diffusers folder or hub id")
+    masks.add_argument("--images", type=_positive_int, default=32, metavar="N", help="re-noise: images per split (32)")
+    masks.add_argument("--timesteps", type=_positive_int, default=10, metavar="T", help="re-noise: timestep grid (10)")
+    masks.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="re-noise: images per call")
+    masks.add_argument("--image-size", type=_positive_int, metavar="S", help="re-noise: default the model's size")
+    masks.add_argument("--mask-size", type=_positive_int, metavar="M", help="re-noise: default the image size")
+    masks.add_argument("--seed", type=int, default=0, help="re-noise: noise seed (default 0)")
+    masks.add_argument("--device", metavar="D", help="re-noise: cpu, cuda or cuda:N (default: cuda when available)")
+    masks.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="re-noise: default fp16 on GPU, else fp32")
+    masks.add_argument(
+        "--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help="cross_attention_with_maps"
+    )
+    masks.add_argument("--json", action="store_true", help="print the full result as JSON")
+    masks.set_defaults(func=_cmd_eval_masks)
     return parser
 
 

@@ -117,11 +117,18 @@ class DataConfig:
     toy_val_images: int = 1000
     toy_image_size: int = 64
     toy_seed: int = 0
+    # where the train split comes from when root is "": "world" = the rendered toy world (exact masks);
+    # "model" = toy_train_images images generated from the toy world's captions by the toy text-to-image model
+    # toy_model ("toy": the shipped one) with its free cross-attention masks (freeatm_fast.toy.data; generated on
+    # first use and cached). The val split (kNN, probes) stays the rendered toy world either way.
+    toy_source: str = "world"
+    toy_model: str = "toy"
 
     def __post_init__(self) -> None:
         _one_of(self.loader, ("torch", "dali"), "data.loader")
         _one_of(self.views, ("two", "multicrop", "caption_group", "single", "vlp"), "data.views")
         _one_of(self.masks, ("data", "kmeans"), "data.masks")
+        _one_of(self.toy_source, ("world", "model"), "data.toy_source")
         _one_of(self.dali_device, ("auto", "cpu", "gpu"), "data.dali_device")
         _non_negative(self.dali_threads, "data.dali_threads")
         _positive(self.dali_prefetch, "data.dali_prefetch")

@@ -285,6 +285,13 @@ def train(cfg: Config, *, local_rank: int | None = None, loader=None) -> dict:
             resume_dir, resume_tag = resume_dir.parent, resume_dir.name
         if not (resume_dir / resume_tag).is_dir():
             raise ConfigError(f"train.resume: no checkpoint at {t.resume!r}")
+    if cfg.data.root == "" and cfg.data.toy_source == "model":
+        # the toy text-to-image model's data set: generated once (first use, cached), by rank 0
+        from freeatm_fast.toy.data import ensure_generated_toyworld
+
+        if dist.is_main:
+            ensure_generated_toyworld(cfg.data, device=str(dist.device))
+        torch.distributed.barrier()
     if resume_tag is not None and (run_dir / "config.yaml").is_file() and resume_dir == ckpt_dir:
         check_resumable(load_config(run_dir / "config.yaml"), cfg)
     if dist.is_main:

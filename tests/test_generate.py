@@ -165,7 +165,8 @@ def test_builtin_imagenet_defaults_and_class_ids(tmp_path, capsys):
     rc, _, err = run_cli(capsys, args)
     assert rc == 0, err
     samples = read_all(out)
-    assert [samples[f"{i:09d}"].meta["label"] for i in range(3)] == ["tench", "goldfish", "great white shark"]
+    assert [samples[f"{i:09d}"].meta["label_name"] for i in range(3)] == ["tench", "goldfish", "great white shark"]
+    assert [samples[f"{i:09d}"].meta["label"] for i in range(3)] == [0, 1, 2]  # an int, as the data loader reads
     assert [samples[f"{i:09d}"].meta["class_id"] for i in range(3)] == [0, 1, 2]
     assert scan_shards(out) == ["shard-000000"]  # default shard size 1000
 

@@ -45,12 +45,22 @@ _AUG_STREAM = 0xA06
 
 def resolve_root(cfg: Any, split: str = "train") -> Path:
     """The shard directory of ``split``: ``cfg.data.root`` (or its ``split`` sub-directory when it has one),
-    or the toy world's split when ``cfg.data.root`` is "" (built and cached on first use)."""
+    or the toy world's split when ``cfg.data.root`` is "" (built and cached on first use); with
+    ``data.toy_source=model`` the train split is the toy model's generated data set (it must exist: the engine
+    generates it first)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if cfg.data.root == "":
-        from freeatm_fast.data.toyworld import default_toyworld
+        from freeatm_fast.data.toyworld import default_toyworld, generated_toyworld_dir
 
+        if split == "train" and cfg.data.toy_source == "model":
+            path = generated_toyworld_dir(cfg.data)
+            if not (path / "complete.json").is_file():
+                raise FileNotFoundError(
+                    f"data.toy_source=model: {path} is not generated yet (the training engine generates it on first "
+                    "use; or run freeatm_fast.toy.data.ensure_generated_toyworld)"
+                )
+            return path
         return default_toyworld(cfg.data) / split
     root = Path(cfg.data.root).expanduser()
     if not root.exists():

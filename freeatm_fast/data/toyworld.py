@@ -57,7 +57,10 @@ __all__ = [
     "ToySample",
     "build_toyworld",
     "cached_toyworld",
+    "caption_plan",
+    "caption_text",
     "default_toyworld",
+    "generated_toyworld_dir",
     "render_sample",
     "toyworld_cache_dir",
 ]
@@ -249,7 +252,7 @@ def _rng(seed: int, split: str, *stream: int) -> tuple[np.random.Generator, int]
     return np.random.default_rng(ss), int(ss.generate_state(1)[0])
 
 
-def _caption_plan(seed: int, split: str, group: int) -> dict:
+def caption_plan(seed: int, split: str, group: int) -> dict:
     """What the caption of group ``group`` says: objects (shape, colour, small) in order, background kind."""
     rng, _ = _rng(seed, split, _CAPTION_STREAM, group)
     label = int(rng.integers(len(CLASSES)))
@@ -273,7 +276,7 @@ def _caption_plan(seed: int, split: str, group: int) -> dict:
     return {"label": label, "objects": objects, "background": background}
 
 
-def _caption(objects: list[dict], background: str) -> tuple[str, list[list[int]]]:
+def caption_text(objects: list[dict], background: str) -> tuple[str, list[list[int]]]:
     """Caption text and, per object, the [start, end) word span of its colour..shape words."""
     words: list[str] = []
     spans = []
@@ -337,7 +340,7 @@ def render_sample(seed: int, split: str, index: int, image_size: int = 64) -> To
         raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
     index = int(index)
     group = index // IMAGES_PER_CAPTION
-    plan = _caption_plan(seed, split, group)
+    plan = caption_plan(seed, split, group)
     rng, sample_seed = _rng(seed, split, index)
     size = image_size
     placed, owner = _layout(rng, plan["objects"], size)
@@ -357,7 +360,7 @@ def render_sample(seed: int, split: str, index: int, image_size: int = 64) -> To
 
     k = len(plan["objects"])
     masks = (owner[None] == np.arange(k, dtype=np.int8)[:, None, None]).astype(np.uint8) * 255
-    caption, spans = _caption(plan["objects"], plan["background"])
+    caption, spans = caption_text(plan["objects"], plan["background"])
     objects = []
     for j, obj in enumerate(plan["objects"]):
         ys_j, xs_j = np.nonzero(masks[j])
@@ -497,6 +500,17 @@ def cached_toyworld(
         done = {**info, "version": TOYWORLD_VERSION, "classes": list(CLASSES)}
         atomic_write_bytes(marker, (json.dumps(done) + "\n").encode())
     return root
+
+
+def generated_toyworld_dir(cfg_data: Any) -> Path:
+    """Where ``data.toy_source=model`` keeps its generated train split: ``$FREEATM_CACHE/toygen-<model>-<N>-s<seed>``
+    (``<model>``: "toy", or a digest of a model folder's path). Written by ``freeatm_fast.toy.data``; its
+    ``complete.json`` records the model weights' digest, so new weights regenerate it."""
+    import hashlib
+
+    model = str(cfg_data.toy_model)
+    tag = model if model.replace("-", "").isalnum() else hashlib.sha1(model.encode()).hexdigest()[:10]
+    return toyworld_cache_dir() / f"toygen-{tag}-{cfg_data.toy_train_images}-s{cfg_data.toy_seed}"
 
 
 def default_toyworld(cfg_data: Any = None) -> Path:

@@ -9,6 +9,9 @@ Submodules (import the one you need; ``import freeatm_fast.eval`` itself imports
 - ``knn``: ``knn_accuracy(...)`` — weighted kNN (InstDisc / MoCo protocol).
 - ``linear``: ``linear_probe(...)`` — logistic regression on frozen features.
 - ``run``: ``evaluate(backbone, cfg, *, device, train_root, val_root)`` — all of the above from ``cfg.eval``.
+- ``retrieval``: image-text retrieval R@1/5/10 for BLIP / ViLT runs.
+- ``masks``: ``evaluate_shards(dir, ...)`` / ``evaluate_renoise(model, ...)`` — mIoU and pointing accuracy of
+  free masks, per word (``freeatm eval masks``).
 
 The same names are available here lazily (``from freeatm_fast.eval import evaluate`` imports only then).
 """
@@ -29,6 +32,8 @@ _LAZY = {
     "linear_probe": "linear",
     "evaluate": "run",
     "summary_line": "run",
+    "evaluate_shards": "masks",
+    "evaluate_renoise": "masks",
 }
 
 __all__ = sorted(_LAZY)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import CLIPTokenizer
 
 TINY_RANDOM = "tiny-random"
+TOY = "toy"  # the shipped toy text-to-image model of the toy world (freeatm_fast/toy), offline
 SCHEDULERS = ("ddim", "dpm")
 
 # CLIP's special tokens; the pad token is the end-of-text token, as in the SD 1.x tokenizer.
@@ -238,9 +239,10 @@ def load_pipeline(model: str, *, device: torch.device | str, dtype: torch.dtype 
     """Load a text-to-image pipeline onto ``device``.
 
     Args:
-        model: ``"tiny-random"`` (offline random model, :func:`build_tiny_random_pipeline`), a local diffusers pipeline
-            folder, or a hub id ``owner/name`` (downloaded by diffusers: naming a hub id is the user's choice; set
-            ``HF_HUB_OFFLINE=1`` to use the local cache only).
+        model: ``"tiny-random"`` (offline random model, :func:`build_tiny_random_pipeline`), ``"toy"`` (the
+            shipped toy text-to-image model, offline), a folder written by ``freeatm toy-train``
+            (``toy_t2i.json``), a local diffusers pipeline folder, or a hub id ``owner/name`` (downloaded by
+            diffusers: naming a hub id is the user's choice; set ``HF_HUB_OFFLINE=1`` to use the local cache only).
         device: where the pipeline runs.
         dtype: default fp16 on CUDA, fp32 on CPU.
 
@@ -254,6 +256,10 @@ def load_pipeline(model: str, *, device: torch.device | str, dtype: torch.dtype 
         raise ValueError(f"model must be 'tiny-random', a local folder or a hub id, got {model!r}")
     if model == TINY_RANDOM:
         return build_tiny_random_pipeline(dtype=dtype).to(device)
+    if model == TOY or (Path(os.path.expanduser(model)) / "toy_t2i.json").is_file():
+        from freeatm_fast.toy.model import load_toy_pipeline
+
+        return load_toy_pipeline(None if model == TOY else os.path.expanduser(model), device=device, dtype=dtype)
 
     from diffusers import StableDiffusionPipeline
 
@@ -283,6 +289,20 @@ def load_pipeline(model: str, *, device: torch.device | str, dtype: torch.dtype 
     check_model_index(json.loads(Path(index_file).read_text()), f"hub model {model!r}")
     pipe = StableDiffusionPipeline.from_pretrained(model, **_dtype_kwarg(dtype), safety_checker=None)
     return pipe.to(device)
+
+
+def model_defaults(model: str) -> dict:
+    """Sampling and mask-recipe defaults a model ships with (``{}`` for SD and tiny-random): the toy models'
+    ``recipe`` (``steps``, ``guidance``, ``scheduler``, ``resolutions``, ``window``, ``tau``), chosen for that model
+    by ``freeatm eval masks`` on a validation split. Explicit command-line values win."""
+    if not isinstance(model, str) or not model:
+        return {}
+    folder = None if model == TOY else Path(os.path.expanduser(model))
+    if folder is not None and not (folder / "toy_t2i.json").is_file():
+        return {}
+    from freeatm_fast.toy.model import read_toy_info
+
+    return dict(read_toy_info(folder).get("model", {}).get("recipe", {}))
 
 
 def set_scheduler(pipe, name: str):

@@ -10,7 +10,12 @@ spans in the ``input_ids`` the text encoder sees. Object words come from one of 
   line; longest match first, case-insensitive, whole words only; ``class_id`` = entry index);
 * built-in class templates: ``builtin:imagenet`` is the 1000 ImageNet-1k class names (package data
   ``data/imagenet_classes.txt``, in class-index order) times the templates in
-  ``data/imagenet_templates.txt``; the class name is the object word and its index the ``class_id``.
+  ``data/imagenet_templates.txt``; the class name is the object word and its index the ``class_id``;
+* the toy world's captions (``builtin:toyworld[:N]``: the captions of caption groups ``0..N-1`` of the toy
+  world's train split, N = 1000 by default), for the toy text-to-image model: each object's *colour* word is
+  its object word (the word whose map finds the object best), ``label``/``class_id`` = the main object's shape
+  (the toy world's class); ``builtin:toyworld-shapes`` marks the shape words instead and
+  ``builtin:toyworld-words`` both (colour then shape of every object: two masks per object, for evaluation).
 
 Prompt file format (``load_prompts(path)``): UTF-8 text, one prompt per line; surrounding
 whitespace is stripped; blank lines and lines whose first non-blank character is ``#`` are skipped.
@@ -53,10 +58,13 @@ __all__ = [
     "object_token_columns",
     "parse_bracketed",
     "token_spans",
+    "toyworld_prompts",
 ]
 
-# Names accepted after "builtin:" (optionally followed by ":<N>" for the first N classes).
-BUILTIN_SOURCES = ("imagenet",)
+# Names accepted after "builtin:" (optionally followed by ":<N>": the first N classes / captions).
+BUILTIN_SOURCES = ("imagenet", "toyworld", "toyworld-shapes", "toyworld-words")
+# builtin:toyworld* without a count: the captions of the first 1000 caption groups of the toy world's train split
+TOYWORLD_PROMPTS = 1000
 
 _WORD_RUN = re.compile(r"\w+")
 _WORD_CHAR = re.compile(r"\w")
@@ -396,12 +404,44 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str], *, origi
     return tuple(items)
 
 
+def toyworld_prompts(count: int = TOYWORLD_PROMPTS, *, mark: str = "colour", seed: int = 0) -> tuple[PromptItem, ...]:
+    """The captions of the toy world's train-split caption groups ``0..count-1`` as prompts (module docstring);
+    ``mark``: "colour", "shape" or "both" object words per object."""
+    from freeatm_fast.data.toyworld import CLASSES, caption_plan, caption_text
+
+    if mark not in ("colour", "shape", "both"):
+        raise ValueError(f"toyworld_prompts: mark must be colour, shape or both, got {mark!r}")
+    items = []
+    for group in range(count):
+        plan = caption_plan(seed, "train", group)
+        text, spans = caption_text(plan["objects"], plan["background"])
+        words = text.split(" ")
+        starts = [sum(len(w) + 1 for w in words[:k]) for k in range(len(words))]
+        objects = []
+        for start, _end in spans:  # word spans [colour, shape] of each object
+            for k in {"colour": (start,), "shape": (start + 1,), "both": (start, start + 1)}[mark]:
+                word = words[k].rstrip(",")
+                objects.append(ObjectWord(word, (starts[k], starts[k] + len(word))))
+        label = plan["label"]
+        origin = f"builtin:toyworld caption group {group}"
+        items.append(PromptItem(text, tuple(objects), label=CLASSES[label], class_id=label, origin=origin))
+    return tuple(items)
+
+
 def _builtin_source(spec: str) -> PromptSource:
     parts = spec.split(":")
     name = parts[1] if len(parts) > 1 else ""
     if name not in BUILTIN_SOURCES or len(parts) > 3:
         choices = ", ".join(f"builtin:{n}[:N]" for n in BUILTIN_SOURCES)
         raise ValueError(f"unknown built-in prompt source {spec!r}; choices: {choices}")
+    if name.startswith("toyworld"):
+        count = TOYWORLD_PROMPTS
+        if len(parts) == 3:
+            if not parts[2].isdigit() or int(parts[2]) < 1:
+                raise ValueError(f"{spec!r}: the caption count must be an integer >= 1, got {parts[2]!r}")
+            count = int(parts[2])
+        mark = {"toyworld": "colour", "toyworld-shapes": "shape", "toyworld-words": "both"}[name]
+        return PromptSource(spec, toyworld_prompts(count, mark=mark))
     classes = imagenet_classes()
     if len(parts) == 3:
         count = parts[2]

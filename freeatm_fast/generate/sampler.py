@@ -71,7 +71,7 @@ MAX_SEED = 2**32 - 1
 PROCESSORS = ("fused", "eager", None)
 SHARD_PREFIX = "shard-"
 # The generator-config schema version written to index.json: bump when the sampling of a given index changes.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: meta "label" is the class index (int), "label_name" its name
 
 
 def _is_int(x: Any) -> bool:
@@ -438,10 +438,13 @@ class Sampler:
                 "mask_size": self.mask_size,
                 "objects": objects,
             }
+            # like the toy world's shards: "label" is the class index the data loader and the probes read (an
+            # int), "label_name" its name
             if item.class_id is not None:
                 meta["class_id"] = item.class_id
+                meta["label"] = item.class_id
             if item.label is not None:
-                meta["label"] = item.label
+                meta["label_name"] = item.label
             samples.append(Sample(sample_key(i), images[b], np.ascontiguousarray(masks), meta))
         return samples
 
@@ -607,8 +610,11 @@ class _Progress:
             self._bar.close()
 
 
-def generate(config: GenerateConfig, *, progress: bool = True) -> dict:
+def generate(config: GenerateConfig, *, progress: bool = True, dist: tuple[int, int, int] | None = None) -> dict:
     """Run (or resume) generation into ``config.out``; returns a summary of this process's work.
+
+    ``dist``: ``(rank, world_size, local_rank)`` of this process's share; None = from the launcher's environment
+    (:func:`dist_env`). ``(0, 1, 0)`` makes one process generate every shard (e.g. rank 0 of a training job).
 
     Summary keys: ``out``, ``rank``, ``world_size``, ``device``, ``dtype``, ``num_images`` (N), ``num_shards`` (all
     ranks), ``rank_shards`` (this rank's), ``shards_written``, ``shards_skipped`` (complete before this run),
@@ -623,7 +629,7 @@ def generate(config: GenerateConfig, *, progress: bool = True) -> dict:
 
     if not isinstance(config, GenerateConfig):
         raise ValueError(f"generate: config must be a GenerateConfig, got {type(config).__name__}")
-    rank, world, local_rank = dist_env()
+    rank, world, local_rank = dist_env() if dist is None else dist
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     prompts = load_prompts(config.prompts, objects_file=config.objects)  # file/line errors before the model loads
     device = resolve_device(config.device, local_rank)
