@@ -101,7 +101,11 @@ ext_modules, cmdclass = _cuda_extension_plan()
 setup(
     packages=PACKAGES,
     package_dir={"freeatm_fast": "freeatm_fast", "freeatm_kernels": "kernels"},
-    package_data={"freeatm_fast": ["configs/*.yaml"], "freeatm_fast.generate": ["data/*.txt"]},
+    package_data={
+        "freeatm_fast": ["configs/*.yaml"],
+        "freeatm_fast.generate": ["data/*.txt"],
+        "freeatm_fast.toy": ["weights/*.json", "weights/*.safetensors"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

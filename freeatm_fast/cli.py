@@ -99,7 +99,11 @@ def generate_config_from_args(args, GenerateConfig, CaptureConfig, AggregateConf
             resolutions=tuple(resolutions) if resolutions else None,
             window=tuple(shipped.get("window", (0.0, 1.0))),
         ),
-        aggregate=AggregateConfig(tau=float(shipped.get("tau", base.aggregate.tau))),
+        aggregate=AggregateConfig(
+            tau=float(shipped.get("tau", base.aggregate.tau)),
+            upsample=str(shipped.get("upsample", base.aggregate.upsample)),
+            resolutions=tuple(resolutions) if resolutions else None,
+        ),
     )
 
 
@@ -358,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain (same as `python freeatm_fast/train.py`; use `deepspeed`/`torchrun` on that script for "
         "several processes)",
     )
-    tr.add_argument("--config", default=None, help="a shipped config NAME or a YAML path (default mocov2_freeatm)")
+    tr.add_argument(
+        "--config", default=None, help="a shipped config NAME or a YAML path (default mocov2_freeatm_generated)"
+    )
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     tr.set_defaults(func=_cmd_train)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEFAULT_CONFIG = "mocov2_freeatm"
+DEFAULT_CONFIG = "mocov2_freeatm_generated"  # MoCo-v2 + Free-ATM on the toy model's generated images
 
 METHODS = ("mocov2", "simclr", "stablerep", "detcon", "multicrop", "mae", "blip", "vilt")
 

@@ -203,3 +203,59 @@ def test_toy_train_command_line(tmp_path):
     assert (tmp_path / "r" / "model" / WEIGHTS_NAME).is_file()
     bad = subprocess.run([*cmd[:4], "stpes=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown key 'stpes'" in bad.stderr
+
+
+def test_generate_defaults_come_from_the_models_recipe(tmp_path):
+    """freeatm generate without --steps/--guidance/--scheduler takes the toy model's measured recipe; explicit
+    flags win; SD-style models keep GenerateConfig's defaults."""
+    import argparse
+
+    from freeatm_fast.cli import build_parser, generate_config_from_args
+    from freeatm_fast.generate.aggregate import AggregateConfig
+    from freeatm_fast.generate.capture import CaptureConfig
+    from freeatm_fast.generate.models import model_defaults
+    from freeatm_fast.generate.sampler import GenerateConfig
+
+    recipe = {"steps": 7, "guidance": 1.5, "scheduler": "dpm", "resolutions": [8], "window": [0.5, 1.0],
+              "tau": 0.55, "upsample": "bilinear"}  # fmt: skip
+    cfg = ToyModelConfig(**{**TINY.__dict__, "recipe": recipe})
+    pipe = build_toy_pipeline(cfg)
+    save_toy_model(pipe.unet, pipe.text_encoder, cfg, tmp_path / "m")
+    assert model_defaults(str(tmp_path / "m")) == recipe and model_defaults("tiny-random") == {}
+
+    def config(*flags):
+        args = build_parser().parse_args(["generate", "--prompts", "builtin:toyworld:2", "--num-images", "2",
+                                          "--out", str(tmp_path / "o"), *flags])  # fmt: skip
+        assert isinstance(args, argparse.Namespace)
+        return generate_config_from_args(args, GenerateConfig, CaptureConfig, AggregateConfig, model_defaults)
+
+    c = config("--model", str(tmp_path / "m"))
+    assert (c.steps, c.guidance, c.scheduler) == (7, 1.5, "dpm")
+    assert c.capture.resolutions == (8,) and c.capture.window == (0.5, 1.0)
+    assert c.aggregate.tau == 0.55 and c.aggregate.upsample == "bilinear" and c.aggregate.resolutions == (8,)
+    c = config("--model", str(tmp_path / "m"), "--steps", "3", "--guidance", "4")
+    assert (c.steps, c.guidance) == (3, 4.0)
+    c = config("--model", "tiny-random")
+    assert (c.steps, c.guidance, c.scheduler, c.aggregate.tau) == (50, 7.5, "ddim", 0.4)
+
+
+def test_guidance_batch_order_gives_the_capture_the_conditional_rows():
+    """Under guidance the UNet batch is [uncond; cond] (diffusers' order), so the capture's "cond" rows are the
+    prompt's: the maps of a one-step sample with guidance equal those without guidance (cond rows only)."""
+    from freeatm_fast.generate.capture import CaptureConfig, MapCapture
+
+    pipe = build_toy_pipeline(TINY, seed=4)
+    prompts = ["a red circle and a blue star on a dotted background", "a green square on a plain background"]
+    tokens = torch.tensor([[2, 3], [2, 3]])
+    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps = []
+    for guidance in (1.0, 3.0):
+        with MapCapture(pipe.unet, CaptureConfig(), batch_size=2, num_rows=2, tokens=tokens, latent_hw=(16, 16),
+                        device="cpu") as cap:  # fmt: skip
+            cap.set_step(0, 1)
+            pipe(prompts, num_inference_steps=1, guidance_scale=guidance, latents=latents,
+                 callback_on_step_end=cap.step_callback(1))  # fmt: skip
+            maps.append(cap.maps())
+    assert maps[0].keys() == maps[1].keys()
+    for r in maps[0]:
+        torch.testing.assert_close(maps[0][r], maps[1][r], rtol=1e-5, atol=1e-6)

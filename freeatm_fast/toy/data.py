@@ -117,6 +117,10 @@ def _generate(want: dict, out: Path, *, device: str | None, progress: bool) -> d
         capture=CaptureConfig(
             resolutions=tuple(resolutions) if resolutions else None, window=tuple(recipe.get("window", (0.0, 1.0)))
         ),
-        aggregate=AggregateConfig(tau=float(recipe.get("tau", base.aggregate.tau))),
+        aggregate=AggregateConfig(
+            tau=float(recipe.get("tau", base.aggregate.tau)),
+            upsample=str(recipe.get("upsample", base.aggregate.upsample)),
+            resolutions=tuple(resolutions) if resolutions else None,
+        ),
     )
     return generate(config, progress=progress, dist=(0, 1, 0))  # this process generates every shard

@@ -292,8 +292,8 @@ class ToyPipeline(_pipeline_base()):
         cfg_on = guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, cfg_on, negative_prompt)
         batch = cond.shape[0]
-        # the generator's capture reads the conditional half as the first B rows ("cond" rows): [cond; uncond]
-        embeds = torch.cat([cond, uncond]) if cfg_on else cond
+        # [uncond; cond], the order diffusers' SD pipelines use: the generator's capture reads the second half
+        embeds = torch.cat([uncond, cond]) if cfg_on else cond
         shape = (batch, int(self.unet.config.in_channels), height, width)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, self.unet.dtype)
@@ -308,7 +308,7 @@ class ToyPipeline(_pipeline_base()):
             x = self.scheduler.scale_model_input(x, t)
             out = self.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
             if cfg_on:
-                out_c, out_u = out.chunk(2)
+                out_u, out_c = out.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
             latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
