@@ -50,13 +50,10 @@ def _fail(command: str, exc: BaseException) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from freeatm_fast.generate.aggregate import AggregateConfig
-    from freeatm_fast.generate.capture import CaptureConfig
-    from freeatm_fast.generate.models import UnsupportedModelError, model_defaults
-    from freeatm_fast.generate.sampler import GenerateConfig
+    from freeatm_fast.generate.models import UnsupportedModelError
 
     try:
-        config = generate_config_from_args(args, GenerateConfig, CaptureConfig, AggregateConfig, model_defaults)
+        config = generate_config_from_args(args)
         from freeatm_fast.generate.sampler import generate
 
         summary = generate(config, progress=not args.quiet)
@@ -66,9 +63,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate_config_from_args(args, GenerateConfig, CaptureConfig, AggregateConfig, model_defaults):
+def generate_config_from_args(args: argparse.Namespace):
     """The GenerateConfig of ``freeatm generate``: command-line values, else the model's own defaults
     (``models.model_defaults``: the toy model's measured recipe), else GenerateConfig's (SD's)."""
+    from freeatm_fast.generate.aggregate import AggregateConfig
+    from freeatm_fast.generate.capture import CaptureConfig
+    from freeatm_fast.generate.models import model_defaults
+    from freeatm_fast.generate.sampler import GenerateConfig
+
     base = GenerateConfig()
     shipped = model_defaults(args.model)
 

@@ -211,10 +211,7 @@ def test_generate_defaults_come_from_the_models_recipe(tmp_path):
     import argparse
 
     from freeatm_fast.cli import build_parser, generate_config_from_args
-    from freeatm_fast.generate.aggregate import AggregateConfig
-    from freeatm_fast.generate.capture import CaptureConfig
     from freeatm_fast.generate.models import model_defaults
-    from freeatm_fast.generate.sampler import GenerateConfig
 
     recipe = {"steps": 7, "guidance": 1.5, "scheduler": "dpm", "resolutions": [8], "window": [0.5, 1.0],
               "tau": 0.55, "upsample": "bilinear"}  # fmt: skip
@@ -227,7 +224,7 @@ def test_generate_defaults_come_from_the_models_recipe(tmp_path):
         args = build_parser().parse_args(["generate", "--prompts", "builtin:toyworld:2", "--num-images", "2",
                                           "--out", str(tmp_path / "o"), *flags])  # fmt: skip
         assert isinstance(args, argparse.Namespace)
-        return generate_config_from_args(args, GenerateConfig, CaptureConfig, AggregateConfig, model_defaults)
+        return generate_config_from_args(args)
 
     c = config("--model", str(tmp_path / "m"))
     assert (c.steps, c.guidance, c.scheduler) == (7, 1.5, "dpm")

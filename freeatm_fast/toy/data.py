@@ -76,7 +76,8 @@ def ensure_generated_toyworld(cfg_data: Any, *, device: str | None = None, progr
                 return root  # another process generated it while this one waited
             log.warning(f"{root}: generated with other settings or weights; generating again")
             shutil.rmtree(root)
-        partial = root.with_name(root.name + ".partial")
+        # named by the weights: an interrupted first use resumes, one of other weights is never mixed in
+        partial = root.with_name(f"{root.name}.partial-{want['weights']}")
         t0 = time.time()
         log.warning(
             f"generating the toy model's data set in {root} ({want['num_images']} images, first use; later runs "
