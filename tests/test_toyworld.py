@@ -164,7 +164,7 @@ def test_build_speed_1000_images(tmp_path):
 
 def test_main_object_wears_its_class_colour_most_of_the_time():
     colours = list(toyworld.COLOURS)
-    plans = [toyworld._caption_plan(0, "train", g) for g in range(400)]
+    plans = [toyworld.caption_plan(0, "train", g) for g in range(400)]
     typical = [p["objects"][0]["colour"] == colours[p["label"] % len(colours)] for p in plans]
     share = sum(typical) / len(typical)
     # binomial(400, 0.75): sd 0.022, so +-0.08 is > 3.5 sd
