@@ -66,28 +66,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def generate_config_from_args(args: argparse.Namespace):
     """The GenerateConfig of ``freeatm generate``: command-line values, else the model's own defaults
     (``models.model_defaults``: the toy model's measured recipe), else GenerateConfig's (SD's)."""
-    from freeatm_fast.generate.aggregate import AggregateConfig
-    from freeatm_fast.generate.capture import CaptureConfig
-    from freeatm_fast.generate.models import model_defaults
-    from freeatm_fast.generate.sampler import GenerateConfig
+    from freeatm_fast.generate.sampler import config_with_model_defaults
 
-    base = GenerateConfig()
-    shipped = model_defaults(args.model)
-
-    def pick(name, default):
-        value = getattr(args, name)
-        return value if value is not None else shipped.get(name, default)
-
-    resolutions = shipped.get("resolutions")
-    return GenerateConfig(
-        model=args.model,
+    return config_with_model_defaults(
+        args.model,
+        backend=args.backend,
         prompts=args.prompts,
         objects=args.objects,
         num_images=args.num_images,
         batch_size=args.batch_size,
-        steps=pick("steps", base.steps),
-        guidance=pick("guidance", base.guidance),
-        scheduler=pick("scheduler", base.scheduler),
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
         seed=args.seed,
         size=args.size,
         mask_size=args.mask_size,
@@ -96,16 +86,6 @@ def generate_config_from_args(args: argparse.Namespace):
         out=args.out,
         device=args.device,
         dtype=args.dtype,
-        capture=CaptureConfig(
-            backend=args.backend,
-            resolutions=tuple(resolutions) if resolutions else None,
-            window=tuple(shipped.get("window", (0.0, 1.0))),
-        ),
-        aggregate=AggregateConfig(
-            tau=float(shipped.get("tau", base.aggregate.tau)),
-            upsample=str(shipped.get("upsample", base.aggregate.upsample)),
-            resolutions=tuple(resolutions) if resolutions else None,
-        ),
     )
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "GenerateConfig",
     "Sampler",
     "bracketed_prompt",
+    "config_with_model_defaults",
     "dist_env",
     "generate",
     "generator_config",
@@ -182,6 +183,28 @@ class GenerateConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 # Work split and seeds
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def config_with_model_defaults(model: str, *, backend: str = "auto", **values: Any) -> GenerateConfig:
+    """A GenerateConfig for ``model`` where every ``values`` entry that is None (or absent) among ``steps``,
+    ``guidance`` and ``scheduler`` comes from the model's own defaults (``models.model_defaults``: the toy models'
+    measured recipe, which also sets the capture resolutions / window and the aggregation tau / upsampling), else
+    from GenerateConfig's (SD's). Used by ``freeatm generate`` and by the toy model's cached data set."""
+    from freeatm_fast.generate.models import model_defaults
+
+    base = GenerateConfig()
+    shipped = model_defaults(model)
+    for name in ("steps", "guidance", "scheduler"):
+        if values.get(name) is None:
+            values[name] = shipped.get(name, getattr(base, name))
+    resolutions = tuple(shipped["resolutions"]) if shipped.get("resolutions") else None
+    capture = CaptureConfig(backend=backend, resolutions=resolutions, window=tuple(shipped.get("window", (0.0, 1.0))))
+    aggregate = AggregateConfig(
+        tau=float(shipped.get("tau", base.aggregate.tau)),
+        upsample=str(shipped.get("upsample", base.aggregate.upsample)),
+        resolutions=resolutions,
+    )
+    return GenerateConfig(model=model, capture=capture, aggregate=aggregate, **values)
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -95,33 +95,10 @@ def ensure_generated_toyworld(cfg_data: Any, *, device: str | None = None, progr
 
 
 def _generate(want: dict, out: Path, *, device: str | None, progress: bool) -> dict:
-    from freeatm_fast.generate.aggregate import AggregateConfig
-    from freeatm_fast.generate.capture import CaptureConfig
-    from freeatm_fast.generate.models import model_defaults
-    from freeatm_fast.generate.sampler import GenerateConfig, generate
+    from freeatm_fast.generate.sampler import config_with_model_defaults, generate
 
-    recipe = model_defaults(want["model"])
-    base = GenerateConfig()
-    resolutions = recipe.get("resolutions")
-    config = GenerateConfig(
-        model=want["model"],
-        prompts=want["prompts"],
-        num_images=want["num_images"],
-        batch_size=64,
-        steps=int(recipe.get("steps", 20)),
-        guidance=float(recipe.get("guidance", 2.0)),
-        scheduler=str(recipe.get("scheduler", base.scheduler)),
-        seed=want["seed"],
-        shard_size=1000,
-        out=str(out),
-        device=device,
-        capture=CaptureConfig(
-            resolutions=tuple(resolutions) if resolutions else None, window=tuple(recipe.get("window", (0.0, 1.0)))
-        ),
-        aggregate=AggregateConfig(
-            tau=float(recipe.get("tau", base.aggregate.tau)),
-            upsample=str(recipe.get("upsample", base.aggregate.upsample)),
-            resolutions=tuple(resolutions) if resolutions else None,
-        ),
-    )
+    config = config_with_model_defaults(
+        want["model"], prompts=want["prompts"], num_images=want["num_images"], batch_size=64, seed=want["seed"],
+        shard_size=1000, out=str(out), device=device,
+    )  # fmt: skip
     return generate(config, progress=progress, dist=(0, 1, 0))  # this process generates every shard

@@ -32,7 +32,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -424,9 +423,3 @@ def load_toy_pipeline(
     if dtype != torch.float32:  # built in fp32; casting warns, so only when needed
         pipe = pipe.to(dtype=dtype)
     return pipe
-
-
-def recipe_defaults(pipe: Any) -> dict:
-    """The mask recipe measured for a pipeline's model (``{}`` for models without one)."""
-    cfg = getattr(pipe, "toy_config", None)
-    return dict(cfg.recipe) if cfg is not None else {}
