@@ -144,6 +144,29 @@ def test_constructed_case_known_answer(shard_dir, tmp_path):
     assert line.startswith("masks: colour mIoU 1.00 (pointing 1.00, n=1) | shape mIoU 0.67") and "all mIoU 0.56" in line
 
 
+def test_colour_fidelity_counts_requested_colours_missing_from_the_image(shard_dir, tmp_path):
+    r = em.evaluate_shards(shard_dir, out=tmp_path / "all")
+    assert r["colour_fidelity"] == {"present": 6, "requested": 6, "fraction": 1.0}
+    # A fourth sample asks for a purple circle the image does not hold: empty reference, left out of the mIoU,
+    # counted against fidelity.
+    miss = Sample(
+        sample_key(3),
+        _image([(RED, em.COLOURS["red"])]),
+        np.stack([_square(*RED), _square(*BLUE)]),
+        _meta("a red square and a purple circle on a grey background", ["red", "purple"]),
+    )
+    d = _write(tmp_path / "miss", [*_samples(), miss])
+    r = em.evaluate_shards(d, out=tmp_path / "o", tau=0.4)
+    assert r["overall"]["n"] == 7 and r["overall"]["empty_reference"] == 1
+    assert r["colour_fidelity"] == {"present": 7, "requested": 8, "fraction": 7 / 8}
+    assert "colour fidelity 0.88 (7/8 requested colours present)" in em.summary_line(r)
+    # Exact reference masks: no colour segmentation, no fidelity.
+    s0 = _samples()[0]
+    exact = np.stack([_square(*RED), _square(*BLUE), _square(*GREEN)])
+    ref = _write(tmp_path / "ref", [Sample(s0.key, s0.image, exact, {**s0.meta, "model": "toyworld"})])
+    assert "colour_fidelity" not in em.evaluate_shards(shard_dir, reference=ref, out=tmp_path / "o1", max_samples=1)
+
+
 def test_reference_dir_and_toyworld_without_reference(shard_dir, tmp_path):
     # Exact reference masks for the first sample (same key, same object order): the same hand values as colour mode.
     s0 = _samples()[0]
@@ -248,7 +271,7 @@ def test_renoise_mode_structure(tmp_path, capsys):
     val, test = r["splits"]["val"], r["splits"]["test"]
     assert (val["start"], val["stop"]) == (0, 2) and test["start"] >= val["stop"] and test["stop"] - test["start"] == 2
     n_recipes = len(r["grid"]["resolutions"]) * 3 * len(r["grid"]["upsample"]) * len(r["grid"]["tau"])
-    assert len(r["recipes"]) == n_recipes == 3 * 3 * 2 * 5
+    assert len(r["recipes"]) == n_recipes == 3 * 3 * 2 * len(em.DEFAULT_TAUS)
 
     def metrics(d):
         return [v for k in ("colour", "shape", "phrase") for v in (d[k]["miou"], d[k]["pointing"])]

@@ -21,7 +21,7 @@ from freeatm_fast.toy.model import (
     load_toy_pipeline,
     save_toy_model,
 )
-from freeatm_fast.toy.train import parse_overrides, shape_only_caption, toy_train
+from freeatm_fast.toy.train import VAL_TAUS, parse_overrides, shape_only_caption, toy_train
 
 ROOT = Path(__file__).resolve().parents[1]
 # a toy model small enough for tests: 16x16 images, cross-attention at 8x8 and 4x4
@@ -34,6 +34,7 @@ TINY_ARGS = [
     "pool_images=16",
     "log_every=1",
     "ckpt_every=2",
+    "val_every=0",  # model selection has its own test
 ]
 
 
@@ -181,6 +182,34 @@ def test_toy_train_stop_and_resume_matches_uninterrupted(tmp_path):
     w_one = load_toy_pipeline(one / "model").unet.state_dict()
     w_two = load_toy_pipeline(two / "model").unet.state_dict()
     assert all(torch.equal(w_one[k], w_two[k]) for k in w_one)
+
+
+def test_toy_train_exports_the_best_validated_checkpoint(tmp_path):
+    """Model selection: every val_every steps the EMA model's free masks are scored (re-noise mode, their own
+    toy-world seed); model/ holds the best-scoring EMA from val_from on (the last step is always a candidate),
+    last/ the final EMA."""
+    args = [*TINY_ARGS, "steps=6", "val_every=2", "val_images=4", "val_from=4", "lr=0.01"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    summary = toy_train(parse_overrides([*args, f"out_dir={a}"]), log=lambda *_: None)
+    history = [json.loads(line) for line in (a / "val.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6]
+    for h in history:
+        assert 0.0 <= h["score"] <= 1.0 and h["score"] == h["colour"] and h["recipe"]["tau"] in VAL_TAUS
+    expected = max(history[1:], key=lambda h: h["score"])  # step 2 is before val_from; ties: the earlier step
+    info = json.loads((a / "model" / "toy_t2i.json").read_text())
+    assert info["selected_step"] == expected["step"] == summary["selected_step"]
+    assert info["selection"]["history"] == history and info["trained_steps"] == 6
+    last = json.loads((a / "last" / "toy_t2i.json").read_text())
+    assert last["trained_steps"] == 6 and "selected_step" not in last
+    # model/ holds the EMA weights of the selected step: the same run stopped there exports them as its last/
+    toy_train(parse_overrides([*args, f"out_dir={b}", f"stop_at={expected['step']}"]), log=lambda *_: None)
+    w_sel = load_toy_pipeline(a / "model").unet.state_dict()
+    w_ref = load_toy_pipeline(b / "last").unet.state_dict()
+    assert all(torch.equal(w_sel[k], w_ref[k]) for k in w_sel)
+    w_last = load_toy_pipeline(a / "last").unet.state_dict()
+    assert any(not torch.equal(w_sel[k], w_last[k]) for k in w_sel) == (expected["step"] != 6)
+    with pytest.raises(ValueError, match="val_images"):
+        parse_overrides(["val_images=0"])
 
 
 def test_parse_overrides_errors():

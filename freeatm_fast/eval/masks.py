@@ -101,7 +101,7 @@ __all__ = [
 WORD_KINDS = ("colour", "shape", "phrase", "other")
 RENOISE_KINDS = ("colour", "shape", "phrase")  # the three words of each toy-world object, in this order
 DEFAULT_TAU = 0.4  # AggregateConfig's default (DESIGN §4)
-DEFAULT_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DEFAULT_UPSAMPLES = ("bicubic", "bilinear")
 # RGB Euclidean distance to an object's palette colour: the toy world jitters each object's colour by +-15 per
 # channel (at most 26) and keeps backgrounds >= 90 away from every object colour; 60 sits between the two.
@@ -409,6 +409,11 @@ def summary_line(result: dict) -> str:
     parts.append(f"all mIoU {_fmt(overall['miou'])} (pointing {_fmt(overall['pointing'])}, n={overall['n']})")
     if overall["empty_reference"]:
         parts[-1] += f"; {overall['empty_reference']} words with an empty reference left out"
+    fid = result.get("colour_fidelity")
+    if fid and fid["fraction"] is not None:
+        parts.append(
+            f"colour fidelity {fid['fraction']:.2f} ({fid['present']}/{fid['requested']} requested colours present)"
+        )
     return f"{head}: " + " | ".join(parts)
 
 
@@ -633,6 +638,16 @@ def evaluate_shards(
         "generator_recipe": recipe,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if ref_dir is None:
+        # prompt fidelity: the requested objects whose colour the generated image holds (a non-empty colour
+        # segmentation); shared colours count once per object word
+        o = result["overall"]
+        requested = o["n"] + o["empty_reference"]
+        result["colour_fidelity"] = {
+            "present": o["n"],
+            "requested": requested,
+            "fraction": o["n"] / requested if requested else None,
+        }
     return _write_outputs(result, rows, Path(out) if out is not None else src)
 
 

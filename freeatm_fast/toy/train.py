@@ -9,6 +9,14 @@ a small star on a dotted background") so that shape words must carry their objec
 Objective: v-prediction MSE at uniform timesteps of the cosine schedule; AdamW with linear warm-up and cosine decay,
 gradient clipping at 1; an EMA of the weights (``ema``) is what gets exported.
 
+Model selection: every ``val_every`` steps the EMA model's free masks are scored in the re-noise mode of ``freeatm
+eval masks`` (:func:`freeatm_fast.eval.masks.evaluate_renoise`) on ``val_images`` + ``val_images`` toy-world images of
+a seed of their own (``val_toy_seed``; neither the training pool nor the toy-world seed 0 images that ``eval masks``
+reports on): the recipe is chosen on the first half, and the colour-word mIoU of the second half is the checkpoint's
+score. The cross-attention maps localise best part-way through training (later, the 8x8 and then the 16x16 maps
+spread out while samples keep improving), so the exported model is the best-scoring EMA checkpoint from ``val_from``
+on; the last EMA is exported beside it (``out_dir/last/``). ``val_every=0``: no validation, the last EMA is exported.
+
 Runs on CUDA when present (bf16 autocast), else on every CPU core. Resumable: ``out_dir/checkpoint.pt`` (weights,
 EMA, optimizer, step, RNG state) is written every ``ckpt_every`` steps through a temporary name; a rerun with the
 same settings continues from it (other settings: an error naming the keys; ``resume=false`` starts over). The EMA
@@ -42,7 +50,7 @@ class ToyTrainConfig:
     architecture)."""
 
     out_dir: str = "runs/toy"
-    steps: int = 2500  # the shipped model: `freeatm toy-train` with these defaults (about 45 min on 2 CPU cores)
+    steps: int = 2500  # the shipped model: `freeatm toy-train` with these defaults (about 42 min on 2 CPU cores)
     batch_size: int = 32
     lr: float = 7e-4
     min_lr: float = 1e-5
@@ -59,6 +67,10 @@ class ToyTrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = True
     stop_at: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0 = run to steps
+    val_every: int = 250  # score the EMA model's free masks every this many steps (and at the end); 0 = never
+    val_from: int = 1000  # checkpoints before this step are scored but not selected
+    val_images: int = 48  # re-noise images in each half (recipe choice / score) of the selection set
+    val_toy_seed: int = 1000  # toy-world seed of the selection images (eval masks reports on seed 0)
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
 
     def __post_init__(self):
@@ -66,6 +78,12 @@ class ToyTrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"toy-train: {name} must be an int >= 1, got {v!r}")
+        for name in ("val_every", "val_from"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"toy-train: {name} must be an int >= 0, got {v!r}")
+        if not isinstance(self.val_images, int) or isinstance(self.val_images, bool) or self.val_images < 1:
+            raise ValueError(f"toy-train: val_images must be an int >= 1, got {self.val_images!r}")
         for name in ("caption_dropout", "shape_only_prob"):
             v = getattr(self, name)
             if not 0.0 <= float(v) <= 1.0:
@@ -144,6 +162,37 @@ def _lr(cfg: ToyTrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+VAL_TAUS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def validate(ema_unet, ema_text, pipe, cfg: ToyTrainConfig) -> dict:
+    """Score the EMA model's free masks (module docstring): ``{"score", "recipe", "colour", "shape", "phrase",
+    "seconds"}`` with the test-half mIoU of each word kind under the recipe chosen on the first half."""
+    from freeatm_fast.eval.masks import evaluate_renoise
+    from freeatm_fast.toy.model import ToyPipeline
+
+    view = ToyPipeline(unet=ema_unet, text_encoder=ema_text, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+    res = evaluate_renoise(
+        view,
+        num_images=cfg.val_images,
+        num_timesteps=10,
+        taus=VAL_TAUS,
+        upsamples=("bicubic",),
+        batch_size=16,
+        toy_seed=cfg.val_toy_seed,
+        png_rows=0,
+    )
+    kinds = res["test"]["kinds"]
+    chosen = res["chosen"]
+    score = kinds["colour"]["miou"]
+    return {
+        "score": -1.0 if score is None else float(score),
+        "recipe": {k: chosen[k] for k in ("window", "resolutions", "upsample", "tau") if k in chosen},
+        **{k: kinds[k]["miou"] for k in ("colour", "shape", "phrase")},
+        "seconds": res["seconds"],
+    }
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -198,6 +247,9 @@ def toy_train(cfg: ToyTrainConfig, *, log=print) -> dict:
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
+    # the best-scoring EMA weights so far (module docstring) and every validation's result
+    best: dict = {"step": None, "score": None, "ema_unet": None, "ema_text_encoder": None}
+    history: list[dict] = []
     if state is not None:
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text_encoder"])
@@ -205,6 +257,8 @@ def toy_train(cfg: ToyTrainConfig, *, log=print) -> dict:
         ema_text.load_state_dict(state["ema_text_encoder"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
+        best = state.get("best", best)
+        history = list(state.get("val_history", []))
         start = int(state["step"])
         log(f"[toy-train] resumed from {ckpt_file} at step {start}")
     if start >= cfg.steps:
@@ -223,7 +277,44 @@ def toy_train(cfg: ToyTrainConfig, *, log=print) -> dict:
     )
 
     def export(step: int) -> None:
-        save_toy_model(ema_unet, ema_text, cfg.model, out / "model", info={"trained_steps": step, "train": asdict(cfg)})
+        info = {"trained_steps": step, "train": asdict(cfg)}
+        if cfg.val_every == 0 or best["step"] is None:
+            save_toy_model(ema_unet, ema_text, cfg.model, out / "model", info=info)
+            return
+        selection = {"step": best["step"], "score": best["score"], "history": history}
+        save_toy_model(ema_unet, ema_text, cfg.model, out / "last", info={**info, "selection": selection})
+        bu, bt = copy.deepcopy(ema_unet), copy.deepcopy(ema_text)
+        bu.load_state_dict(best["ema_unet"])
+        bt.load_state_dict(best["ema_text_encoder"])
+        save_toy_model(
+            bu, bt, cfg.model, out / "model", info={**info, "selected_step": best["step"], "selection": selection}
+        )
+
+    def validate_now(step: int) -> None:
+        r = validate(ema_unet, ema_text, pipe, cfg)
+        r = {"step": step, **r}
+        history.append(r)
+        selectable = step >= cfg.val_from or step == cfg.steps  # the last step is always a candidate
+        mark = ""
+        if selectable and (best["score"] is None or r["score"] > best["score"]):
+            best.update(
+                step=step,
+                score=r["score"],
+                ema_unet={k: v.detach().cpu().clone() for k, v in ema_unet.state_dict().items()},
+                ema_text_encoder={k: v.detach().cpu().clone() for k, v in ema_text.state_dict().items()},
+            )
+            mark = " (best)"
+
+        def fmt(x):
+            return "-" if x is None else f"{x:.3f}"
+
+        log(
+            f"[toy-train] val step {step}: colour mIoU {fmt(r['colour'])} shape {fmt(r['shape'])} phrase "
+            f"{fmt(r['phrase'])} recipe {r['recipe']} ({r['seconds']:.0f}s){mark}"
+        )
+        tmp_val = out / f".val.jsonl.tmp-{os.getpid()}"  # the whole history (a resumed run restores it)
+        tmp_val.write_text("".join(json.dumps(h) + "\n" for h in history))
+        os.replace(tmp_val, out / "val.jsonl")
 
     def checkpoint(step: int) -> None:
         _atomic_save(
@@ -235,6 +326,8 @@ def toy_train(cfg: ToyTrainConfig, *, log=print) -> dict:
                 "ema_text_encoder": ema_text.state_dict(),
                 "optimizer": opt.state_dict(),
                 "generator": gen.get_state(),
+                "best": best,
+                "val_history": history,
             },
             ckpt_file,
         )
@@ -294,12 +387,21 @@ def toy_train(cfg: ToyTrainConfig, *, log=print) -> dict:
             metrics.flush()
             loss_sum.zero_()
             n_loss, t_log = 0, time.time()
+        if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
+            with torch.no_grad():
+                validate_now(done)
         if done % cfg.ckpt_every == 0 or done == end:
             checkpoint(done)
     metrics.close()
     if start >= cfg.steps and not (out / "model").is_dir():
         export(start)
-    summary = {"steps": max(start, end), "model_dir": str(out / "model"), "seconds": time.time() - t0}
+    summary = {
+        "steps": max(start, end),
+        "model_dir": str(out / "model"),
+        "selected_step": best["step"],
+        "selected_score": best["score"],
+        "seconds": time.time() - t0,
+    }
     tmp = out / f".summary.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     os.replace(tmp, out / "summary.json")
