@@ -244,11 +244,31 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
                 raise ValueError(f"give DIR (shard mode) or --toyworld (re-noise mode), not both (DIR={args.dir})")
             if not args.model or not args.out:
                 raise ValueError("re-noise mode (--toyworld) needs --model MODEL and --out OUT")
+            target = None
+            if args.write_recipe:
+                from freeatm_fast.toy.model import toy_model_dir
+
+                target = toy_model_dir(args.model)
+                if target is None:
+                    raise ValueError(
+                        f"--write-recipe: --model {args.model!r} is not a toy model ('toy' or a folder with "
+                        "toy_t2i.json); only a toy model's JSON records its recipe"
+                    )
             result = evaluate_renoise(
                 args.model, out=args.out, num_images=args.images, num_timesteps=args.timesteps,
                 image_size=args.image_size, mask_size=args.mask_size, batch_size=args.batch_size, seed=args.seed,
                 device=args.device, dtype=args.dtype, backend=args.backend, progress=not args.json,
             )  # fmt: skip
+            if target is not None:
+                from freeatm_fast.toy.model import write_toy_recipe
+
+                command = (
+                    f"freeatm eval masks --toyworld --model <this> --images {args.images} --timesteps {args.timesteps}"
+                )
+                recipe = write_toy_recipe(target, result, command=command)
+                print(f"[eval masks] recipe written to {target / 'toy_t2i.json'}: {recipe}", file=sys.stderr)
+        elif args.write_recipe:
+            raise ValueError("--write-recipe belongs to re-noise mode (--toyworld --model MODEL)")
         else:
             if args.dir is None:
                 raise ValueError("give a shard directory DIR (shard mode), or --model MODEL --toyworld (re-noise mode)")
@@ -438,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--toyworld", action="store_true", help="re-noise mode: held-out toy-world images (needs --model)"
     )
     masks.add_argument("--model", metavar="MODEL", help="re-noise mode: tiny-random, toy, a diffusers folder or hub id")
+    masks.add_argument(
+        "--write-recipe",
+        action="store_true",
+        help="re-noise mode, toy models: record the chosen recipe in MODEL's toy_t2i.json (the generator's defaults)",
+    )
     masks.add_argument("--images", type=_positive_int, default=32, metavar="N", help="re-noise: images per split (32)")
     masks.add_argument("--timesteps", type=_positive_int, default=10, metavar="T", help="re-noise: timestep grid (10)")
     masks.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="re-noise: images per call")

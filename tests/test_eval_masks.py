@@ -270,8 +270,9 @@ def test_renoise_mode_structure(tmp_path, capsys):
     assert r["resolutions"] == [32, 16]  # tiny-random's two cross-attention levels, named at its native size
     val, test = r["splits"]["val"], r["splits"]["test"]
     assert (val["start"], val["stop"]) == (0, 2) and test["start"] >= val["stop"] and test["stop"] - test["start"] == 2
-    n_recipes = len(r["grid"]["resolutions"]) * 3 * len(r["grid"]["upsample"]) * len(r["grid"]["tau"])
-    assert len(r["recipes"]) == n_recipes == 3 * 3 * 2 * len(em.DEFAULT_TAUS)
+    grid = r["grid"]
+    n_recipes = len(grid["resolutions"]) * 3 * len(grid["upsample"]) * len(grid["normalize"]) * len(grid["tau"])
+    assert len(r["recipes"]) == n_recipes == 3 * 3 * 2 * 2 * len(em.DEFAULT_TAUS)
 
     def metrics(d):
         return [v for k in ("colour", "shape", "phrase") for v in (d[k]["miou"], d[k]["pointing"])]
@@ -282,7 +283,7 @@ def test_renoise_mode_structure(tmp_path, capsys):
             assert rc[split]["colour"]["n"] == rc[split]["shape"]["n"] == rc[split]["phrase"]["n"] > 0
     # The chosen recipe is the argmax of the validation colour-word mIoU.
     best = max(rc["val"]["colour"]["miou"] for rc in r["recipes"])
-    chosen = {k: r["chosen"][k] for k in ("resolutions", "window", "upsample", "tau")}
+    chosen = {k: r["chosen"][k] for k in ("resolutions", "window", "upsample", "normalize", "tau")}
     match = [rc for rc in r["recipes"] if {k: rc[k] for k in chosen} == chosen]
     assert len(match) == 1 and match[0]["val"]["colour"]["miou"] == best
     assert r["val"]["kinds"]["colour"]["miou"] == best
@@ -294,6 +295,7 @@ def test_renoise_mode_structure(tmp_path, capsys):
         "resolutions": [32, 16],
         "window": "all",
         "upsample": "bicubic",
+        "normalize": "max",
         "tau": 0.4,
     }
     assert all(w["kind"] in ("colour", "shape", "phrase") for w in r["test"]["words"].values())
@@ -330,11 +332,13 @@ def test_renoise_scoring_with_oracle_maps():
 
     windows = em.timestep_windows([100, 600], 2)
     batch.maps = [{32: oracle(0)}, {32: oracle(0) * 0.5}]
-    iou, hit = em._score_batch(batch, windows, [(32,)], ("bicubic", "bilinear"), (0.4, 0.5), 64, "cpu")
+    iou, hit = em._score_batch(
+        batch, windows, [(32,)], ("bicubic", "bilinear"), ("max", "minmax"), (0.4, 0.5), 64, "cpu"
+    )
     n_words = 3 * int(batch.valid[:, 0].sum())
-    assert iou.shape == (n_words, 3 * 2 * 2) and hit.shape == (n_words, 3 * 2)
+    assert iou.shape == (n_words, 3 * 2 * 2 * 2) and hit.shape == (n_words, 3 * 2 * 2)
     assert iou.min() > 0.7 and iou.mean() > 0.9 and hit.all()
     batch.maps = [{32: oracle(1)}, {32: oracle(1)}]  # every word attends to the next object of its image
-    iou, hit = em._score_batch(batch, windows, [(32,)], ("bicubic",), (0.4,), 64, "cpu")
+    iou, hit = em._score_batch(batch, windows, [(32,)], ("bicubic",), ("max",), (0.4,), 64, "cpu")
     multi = np.repeat(batch.valid[:, 0].sum(1).numpy() > 1, [3 * int(n) for n in batch.valid[:, 0].sum(1)])
     assert iou[multi].mean() < 0.2 and hit[multi].mean() < 0.2

@@ -243,7 +243,7 @@ def test_generate_defaults_come_from_the_models_recipe(tmp_path):
     from freeatm_fast.generate.models import model_defaults
 
     recipe = {"steps": 7, "guidance": 1.5, "scheduler": "dpm", "resolutions": [8], "window": [0.5, 1.0],
-              "tau": 0.55, "upsample": "bilinear"}  # fmt: skip
+              "tau": 0.55, "upsample": "bilinear", "normalize": "minmax"}  # fmt: skip
     cfg = ToyModelConfig(**{**TINY.__dict__, "recipe": recipe})
     pipe = build_toy_pipeline(cfg)
     save_toy_model(pipe.unet, pipe.text_encoder, cfg, tmp_path / "m")
@@ -259,10 +259,48 @@ def test_generate_defaults_come_from_the_models_recipe(tmp_path):
     assert (c.steps, c.guidance, c.scheduler) == (7, 1.5, "dpm")
     assert c.capture.resolutions == (8,) and c.capture.window == (0.5, 1.0)
     assert c.aggregate.tau == 0.55 and c.aggregate.upsample == "bilinear" and c.aggregate.resolutions == (8,)
+    assert c.aggregate.normalize == "minmax"
     c = config("--model", str(tmp_path / "m"), "--steps", "3", "--guidance", "4")
     assert (c.steps, c.guidance) == (3, 4.0)
     c = config("--model", "tiny-random")
     assert (c.steps, c.guidance, c.scheduler, c.aggregate.tau) == (50, 7.5, "ddim", 0.4)
+
+
+def test_eval_masks_write_recipe_records_the_chosen_recipe(tmp_path, capsys):
+    """`freeatm eval masks --toyworld --write-recipe` writes the recipe chosen on the validation split into the
+    model's toy_t2i.json (sampling settings kept, weights untouched), where the generator picks it up; it refuses
+    models without a toy JSON and shard mode before any work."""
+    from freeatm_fast import cli
+    from freeatm_fast.generate.models import model_defaults
+
+    old = {"steps": 7, "guidance": 1.5, "scheduler": "dpm", "resolutions": [4], "window": [0.0, 1.0], "tau": 0.9,
+           "upsample": "bilinear"}  # fmt: skip
+    cfg = ToyModelConfig(**{**TINY.__dict__, "recipe": old})
+    pipe = build_toy_pipeline(cfg, seed=1)
+    model = tmp_path / "m"
+    save_toy_model(pipe.unet, pipe.text_encoder, cfg, model, info={"trained_steps": 3})
+    weights = (model / WEIGHTS_NAME).read_bytes()
+    argv = ["eval", "masks", "--toyworld", "--model", str(model), "--images", "2", "--timesteps", "2",
+            "--device", "cpu", "--out", str(tmp_path / "ev"), "--json"]  # fmt: skip
+    assert cli.main([*argv, "--write-recipe"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    chosen = r["chosen"]
+    info = json.loads((model / "toy_t2i.json").read_text())
+    recipe = info["model"]["recipe"]
+    measured = {k: chosen[k] for k in ("resolutions", "tau", "upsample", "normalize")}
+    assert recipe == {"steps": 7, "guidance": 1.5, "scheduler": "dpm", "window": chosen["capture_window"], **measured}
+    assert recipe != old and model_defaults(str(model)) == recipe
+    assert info["trained_steps"] == 3 and (model / WEIGHTS_NAME).read_bytes() == weights
+    assert f"test images {r['splits']['test']['start']}-" in info["recipe_source"]
+    assert f"colour {r['test']['kinds']['colour']['miou']:.3f}" in info["recipe_source"]
+    assert ToyModelConfig.from_dict(info["model"]).recipe == recipe
+    assert not list(model.glob(".*tmp*"))
+    # refused before the evaluation runs: no toy JSON to write into, or shard mode
+    assert cli.main(["eval", "masks", "--toyworld", "--model", "tiny-random", "--out", str(tmp_path / "x"),
+                     "--write-recipe"]) != 0  # fmt: skip
+    assert "not a toy model" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli.main(["eval", "masks", str(tmp_path / "ev"), "--write-recipe"]) != 0
+    assert "belongs to re-noise mode" in capsys.readouterr().err
 
 
 def test_guidance_batch_order_gives_the_capture_the_conditional_rows():

@@ -42,9 +42,10 @@ words of an image compete with each other, not with its shape words), since each
 of marking the object words of a prompt. The maps of every ``(resolution, t)`` stay on the host per batch; from
 them every recipe of a grid is scored:
 
-- resolutions: every non-empty subset of the captured ones (each upsampled, clamped, max-normalised, then
+- resolutions: every non-empty subset of the captured ones (each upsampled, clamped, normalised per token, then
   averaged: ``aggregate.token_maps``), timestep window: all, or a contiguous third of the grid (low / mid / high
-  noise), upsampling: bicubic or bilinear, and ``tau``.
+  noise), upsampling: bicubic or bilinear, per-token normalisation: max or min-max (``AggregateConfig.normalize``),
+  and ``tau``.
 
 The recipe with the best colour-word mIoU on a **validation** split (toy-world ``val`` indices ``[0, N)``) is chosen
 (ties: the DESIGN §4 default, then grid order) and reported on a separate **test** split (``N`` rounded up to a
@@ -81,6 +82,7 @@ __all__ = [
     "DEFAULT_TAU",
     "DEFAULT_TAUS",
     "DEFAULT_UPSAMPLES",
+    "DEFAULT_NORMALIZES",
     "JSON_NAME",
     "PNG_NAME",
     "WORD_KINDS",
@@ -103,6 +105,7 @@ RENOISE_KINDS = ("colour", "shape", "phrase")  # the three words of each toy-wor
 DEFAULT_TAU = 0.4  # AggregateConfig's default (DESIGN §4)
 DEFAULT_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DEFAULT_UPSAMPLES = ("bicubic", "bilinear")
+DEFAULT_NORMALIZES = ("max", "minmax")  # AggregateConfig.normalize; "max" is the DESIGN §4 default
 # RGB Euclidean distance to an object's palette colour: the toy world jitters each object's colour by +-15 per
 # channel (at most 26) and keeps backgrounds >= 90 away from every object colour; 60 sits between the two.
 DEFAULT_COLOUR_DISTANCE = 60.0
@@ -399,7 +402,11 @@ def summary_line(result: dict) -> str:
         kinds, overall = result["test"]["kinds"], result["test"]["overall"]
         r = result["chosen"]
         res = "+".join(str(x) for x in r["resolutions"])
-        head = f"masks (test, recipe: res {res}, window {r['window']}, {r['upsample']}, tau {r['tau']:g})"
+        norm = r.get("normalize", "max")
+        head = (
+            f"masks (test, recipe: res {res}, window {r['window']}, {r['upsample']}, {norm}-normalised, "
+            f"tau {r['tau']:g})"
+        )
     else:
         kinds, overall = result["kinds"], result["overall"]
         head = "masks"
@@ -690,6 +697,7 @@ class _Recipe:
     window: str
     resolutions: tuple[int, ...]
     upsample: str
+    normalize: str
     tau: float
 
     def as_dict(self) -> dict:
@@ -697,6 +705,7 @@ class _Recipe:
             "resolutions": list(self.resolutions),
             "window": self.window,
             "upsample": self.upsample,
+            "normalize": self.normalize,
             "tau": self.tau,
         }
 
@@ -819,13 +828,15 @@ def _capture_batch(pipe, batch: _Batch, tokens, captions, timesteps, *, seed, in
     return batch
 
 
-def _word_soft(batch: _Batch, positions, resolution: int, upsample: str, mask_size: int, device) -> torch.Tensor:
+def _word_soft(
+    batch: _Batch, positions, resolution: int, upsample: str, normalize: str, mask_size: int, device
+) -> torch.Tensor:
     """``[B, 3, O, M, M]`` soft mask of every word at one resolution over a timestep window: the window's mean map,
-    upsampled, clamped, max-normalised per token (``aggregate.token_maps``), sub-word tokens averaged."""
+    upsampled, clamped, normalised per token (``aggregate.token_maps``), sub-word tokens averaged."""
     from freeatm_fast.generate.aggregate import AggregateConfig, token_maps
 
     mean = torch.stack([batch.maps[i][resolution] for i in positions]).mean(0).to(device)
-    cfg = AggregateConfig(resolutions=(resolution,), upsample=upsample, mask_size=mask_size)
+    cfg = AggregateConfig(resolutions=(resolution,), upsample=upsample, normalize=normalize, mask_size=mask_size)
     tok = token_maps({resolution: mean}, cfg)  # [B, K, M, M]
     soft = torch.einsum("bwk,bkst->bwst", batch.weights.to(device), tok).clamp_(0.0, 1.0)
     return soft.view(*batch.valid.shape, mask_size, mask_size)
@@ -848,9 +859,10 @@ def _kind_binary(soft: torch.Tensor, tau: float, valid: torch.Tensor) -> torch.T
     return win & (value > tau)
 
 
-def _score_batch(batch: _Batch, windows, subsets, upsamples, taus, mask_size, device):
+def _score_batch(batch: _Batch, windows, subsets, upsamples, normalizes, taus, mask_size, device):
     """IoU float ``[n_words, R]`` and pointing bool ``[n_words, P]`` of the batch's valid words (order ``(b, kind,
-    o)``) over the recipe grid: point recipe ``p`` = (window, subset, upsample), recipe ``p * len(taus) + tau``."""
+    o)``) over the recipe grid: point recipe ``p`` = (window, subset, upsample, normalize), recipe
+    ``p * len(taus) + tau``."""
     valid = batch.valid.to(device)
     ref = batch.refs.to(device)[:, None]  # [B, 1, O, M, M]: the three words of an object share its mask
     ref_flat = ref.flatten(-2)
@@ -860,14 +872,14 @@ def _score_batch(batch: _Batch, windows, subsets, upsamples, taus, mask_size, de
     iou_cols: dict[tuple, list[torch.Tensor]] = {}
     hit_cols: dict[tuple, torch.Tensor] = {}
     for w, positions in enumerate(windows.values()):
-        for u, up in enumerate(upsamples):
-            per_res = {r: _word_soft(batch, positions, r, up, mask_size, device) for r in resolutions}
+        for u, n, up, norm in [(u, n, up, nm) for u, up in enumerate(upsamples) for n, nm in enumerate(normalizes)]:
+            per_res = {r: _word_soft(batch, positions, r, up, norm, mask_size, device) for r in resolutions}
             for s, subset in enumerate(subsets):
                 soft = per_res[subset[0]] if len(subset) == 1 else torch.stack([per_res[r] for r in subset]).mean(0)
                 flat = soft.flatten(-2)
                 point = flat.argmax(-1, keepdim=True)
                 hit = ref_flat.expand_as(flat).gather(-1, point).squeeze(-1) & (flat.amax(-1) > 0)
-                hit_cols[(w, s, u)] = hit[valid]
+                hit_cols[(w, s, u, n)] = hit[valid]
                 value, win = _winners(soft, valid)
                 win_ref = win & ref
                 cols = []
@@ -878,8 +890,8 @@ def _score_batch(batch: _Batch, windows, subsets, upsamples, taus, mask_size, de
                     union = (pred + ref_n - inter).clamp(min=1)
                     iou = torch.where(ref_n > 0, inter.float() / union.float(), nan)
                     cols.append(iou[valid])
-                iou_cols[(w, s, u)] = cols
-    order = sorted(hit_cols)  # (window, subset, upsample): the recipe order
+                iou_cols[(w, s, u, n)] = cols
+    order = sorted(hit_cols)  # (window, subset, upsample, normalize): the recipe order
     ious = torch.stack([c for k in order for c in iou_cols[k]], dim=1)
     hits = torch.stack([hit_cols[k] for k in order], dim=1)
     return ious.cpu().numpy(), hits.cpu().numpy()
@@ -894,6 +906,7 @@ def evaluate_renoise(
     num_windows: int = 3,
     taus: Sequence[float] = DEFAULT_TAUS,
     upsamples: Sequence[str] = DEFAULT_UPSAMPLES,
+    normalizes: Sequence[str] = DEFAULT_NORMALIZES,
     resolutions: Sequence[int] | None = None,
     image_size: int | None = None,
     mask_size: int | None = None,
@@ -914,7 +927,8 @@ def evaluate_renoise(
         out: folder for ``eval_masks.json`` / ``eval_masks.png`` (None: no files written).
         num_images: ``N`` images in each of the validation and test splits.
         num_timesteps: points of the timestep grid (:func:`timestep_grid`); ``num_windows`` its contiguous windows.
-        taus, upsamples: the recipe grid's background scores and upsampling modes (the first of each is tried first).
+        taus, upsamples, normalizes: the recipe grid's background scores, upsampling modes and per-token
+            normalisations (the first of each is tried first).
         resolutions: levels to capture (``CaptureConfig.resolutions``; None: its default, the three finest);
             every non-empty subset enters the grid.
         image_size: side of the rendered images (default: the model's native size, ``sample_size`` times the VAE
@@ -949,6 +963,9 @@ def evaluate_renoise(
     upsamples = tuple(upsamples)
     if not upsamples or any(u not in ("bicubic", "bilinear", "nearest") for u in upsamples):
         raise ValueError(f"eval masks: upsamples must be among bicubic, bilinear, nearest; got {upsamples!r}")
+    normalizes = tuple(normalizes)
+    if not normalizes or any(n not in ("max", "minmax") for n in normalizes):
+        raise ValueError(f"eval masks: normalizes must be among max, minmax; got {normalizes!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -1005,7 +1022,7 @@ def evaluate_renoise(
                     subsets = [tuple(captured)] + [
                         s for n in range(1, len(captured)) for s in itertools.combinations(captured, n)
                     ]
-                iou, hit = _score_batch(batch, windows, subsets, upsamples, taus, mask_size, device)
+                iou, hit = _score_batch(batch, windows, subsets, upsamples, normalizes, taus, mask_size, device)
                 rows_iou.append(iou)
                 rows_hit.append(hit)
                 for b, k, o in batch.valid.nonzero().tolist():  # the (b, kind, o) order of _score_batch's rows
@@ -1028,7 +1045,7 @@ def evaluate_renoise(
     words = np.array([r[3] for r in word_rows])
 
     recipes = [
-        _Recipe(w, s, u, t) for w in windows for s in subsets for u in upsamples for t in taus
+        _Recipe(w, s, u, n, t) for w in windows for s in subsets for u in upsamples for n in normalizes for t in taus
     ]  # index = point_index * len(taus) + tau index
 
     def point_of(r: int) -> int:
@@ -1041,7 +1058,13 @@ def evaluate_renoise(
     def kinds_summary(split: str, r: int) -> dict:
         return {k: summary(split, r, kinds == k) for k in RENOISE_KINDS}
 
-    default = _Recipe("all", subsets[0], "bicubic" if "bicubic" in upsamples else upsamples[0], DEFAULT_TAU)
+    default = _Recipe(
+        "all",
+        subsets[0],
+        "bicubic" if "bicubic" in upsamples else upsamples[0],
+        "max" if "max" in normalizes else normalizes[0],
+        DEFAULT_TAU,
+    )
     default_idx = next((i for i, rc in enumerate(recipes) if rc == default), None)
     scores = []
     for i in range(len(recipes)):
@@ -1061,15 +1084,18 @@ def evaluate_renoise(
             },
         }
 
-    def recipe_index(window: str, subset: tuple[int, ...], up: str, tau: float) -> int:
-        return recipes.index(_Recipe(window, subset, up, tau))
+    def recipe_index(window: str, subset: tuple[int, ...], up: str, norm: str, tau: float) -> int:
+        return recipes.index(_Recipe(window, subset, up, norm, tau))
 
     breakdown: dict = {}
     res_labels = {subsets[0]: "all", **{(r,): str(r) for r in subsets[0]}}
     for kind in RENOISE_KINDS:
         breakdown[kind] = {
             label: {
-                w: summary("test", recipe_index(w, subset, chosen.upsample, chosen.tau), kinds == kind) for w in windows
+                w: summary(
+                    "test", recipe_index(w, subset, chosen.upsample, chosen.normalize, chosen.tau), kinds == kind
+                )
+                for w in windows
             }
             for subset, label in res_labels.items()
         }
@@ -1095,6 +1121,7 @@ def evaluate_renoise(
             "resolutions": [list(s) for s in subsets],
             "windows": list(windows),
             "upsample": list(upsamples),
+            "normalize": list(normalizes),
             "tau": list(taus),
         },
         "selection": {"split": "val", "kind": SELECT_KIND, "metric": "miou"},
@@ -1110,7 +1137,13 @@ def evaluate_renoise(
             "val": kinds_summary("val", default_idx) if default_idx is not None else None,
             "test": kinds_summary("test", default_idx) if default_idx is not None else None,
         },
-        "breakdown": {"split": "test", "upsample": chosen.upsample, "tau": chosen.tau, "kinds": breakdown},
+        "breakdown": {
+            "split": "test",
+            "upsample": chosen.upsample,
+            "normalize": chosen.normalize,
+            "tau": chosen.tau,
+            "kinds": breakdown,
+        },
         "recipes": [
             {**rc.as_dict(), "val": kinds_summary("val", i), "test": kinds_summary("test", i)}
             for i, rc in enumerate(recipes)
@@ -1128,7 +1161,10 @@ def _renoise_rows(batch: _Batch, windows, chosen: _Recipe, mask_size: int, limit
     and phrase words) first, then the other objects."""
     positions = windows[chosen.window]
     soft = torch.stack(
-        [_word_soft(batch, positions, r, chosen.upsample, mask_size, device) for r in chosen.resolutions]
+        [
+            _word_soft(batch, positions, r, chosen.upsample, chosen.normalize, mask_size, device)
+            for r in chosen.resolutions
+        ]
     ).mean(0)
     valid = batch.valid.to(device)
     refs = batch.refs.to(device)[:, None].expand_as(soft)

@@ -293,8 +293,9 @@ def load_pipeline(model: str, *, device: torch.device | str, dtype: torch.dtype 
 
 def model_defaults(model: str) -> dict:
     """Sampling and mask-recipe defaults a model ships with (``{}`` for SD and tiny-random): the toy models'
-    ``recipe`` (``steps``, ``guidance``, ``scheduler``, ``resolutions``, ``window``, ``tau``), chosen for that model
-    by ``freeatm eval masks`` on a validation split. Explicit command-line values win."""
+    ``recipe`` (``steps``, ``guidance``, ``scheduler``, ``resolutions``, ``window``, ``tau``, ``upsample``,
+    ``normalize``), chosen for that model by ``freeatm eval masks`` on a validation split. Explicit command-line
+    values win."""
     if not isinstance(model, str) or not model:
         return {}
     folder = None if model == TOY else Path(os.path.expanduser(model))

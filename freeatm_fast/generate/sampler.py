@@ -188,7 +188,8 @@ class GenerateConfig:
 def config_with_model_defaults(model: str, *, backend: str = "auto", **values: Any) -> GenerateConfig:
     """A GenerateConfig for ``model`` where every ``values`` entry that is None (or absent) among ``steps``,
     ``guidance`` and ``scheduler`` comes from the model's own defaults (``models.model_defaults``: the toy models'
-    measured recipe, which also sets the capture resolutions / window and the aggregation tau / upsampling), else
+    measured recipe, which also sets the capture resolutions / window and the aggregation tau / upsampling /
+    normalisation), else
     from GenerateConfig's (SD's). Used by ``freeatm generate`` and by the toy model's cached data set."""
     from freeatm_fast.generate.models import model_defaults
 
@@ -202,6 +203,7 @@ def config_with_model_defaults(model: str, *, backend: str = "auto", **values: A
     aggregate = AggregateConfig(
         tau=float(shipped.get("tau", base.aggregate.tau)),
         upsample=str(shipped.get("upsample", base.aggregate.upsample)),
+        normalize=str(shipped.get("normalize", base.aggregate.normalize)),
         resolutions=resolutions,
     )
     return GenerateConfig(model=model, capture=capture, aggregate=aggregate, **values)
