@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         "RE-NOISE MODE, `freeatm eval masks --model MODEL --toyworld --out OUT`: held-out toy-world images noised to "
         "a grid of timesteps and denoised by one UNet forward each with the map capture on, scored against their "
         "exact masks per word kind x resolution x timestep window; the mask recipe (resolutions, window, upsampling, "
-        "tau) with the best colour-word mIoU on a validation split is reported on a separate test split. Writes "
+        "per-token normalisation, tau) with the best colour-word mIoU on a validation split is reported on a "
+        "separate test split (--write-recipe: and recorded as a toy model's generation defaults). Writes "
         "OUT/eval_masks.json and OUT/eval_masks.png (image | soft mask | binary mask | reference per word) and "
         "prints one summary line (or the JSON with --json).",
     )
