@@ -256,10 +256,11 @@ def load_pipeline(model: str, *, device: torch.device | str, dtype: torch.dtype 
         raise ValueError(f"model must be 'tiny-random', a local folder or a hub id, got {model!r}")
     if model == TINY_RANDOM:
         return build_tiny_random_pipeline(dtype=dtype).to(device)
-    if model == TOY or (Path(os.path.expanduser(model)) / "toy_t2i.json").is_file():
-        from freeatm_fast.toy.model import load_toy_pipeline
+    from freeatm_fast.toy.model import load_toy_pipeline, toy_model_dir
 
-        return load_toy_pipeline(None if model == TOY else os.path.expanduser(model), device=device, dtype=dtype)
+    toy_folder = toy_model_dir(model)  # "toy" or a folder holding toy_t2i.json
+    if toy_folder is not None:
+        return load_toy_pipeline(toy_folder, device=device, dtype=dtype)
 
     from diffusers import StableDiffusionPipeline
 
@@ -298,12 +299,10 @@ def model_defaults(model: str) -> dict:
     values win."""
     if not isinstance(model, str) or not model:
         return {}
-    folder = None if model == TOY else Path(os.path.expanduser(model))
-    if folder is not None and not (folder / "toy_t2i.json").is_file():
-        return {}
-    from freeatm_fast.toy.model import read_toy_info
+    from freeatm_fast.toy.model import read_toy_info, toy_model_dir
 
-    return dict(read_toy_info(folder).get("model", {}).get("recipe", {}))
+    folder = toy_model_dir(model)
+    return {} if folder is None else dict(read_toy_info(folder).get("model", {}).get("recipe", {}))
 
 
 def set_scheduler(pipe, name: str):

@@ -392,7 +392,7 @@ DEFAULT_SAMPLING = {"steps": 10, "guidance": 2.0, "scheduler": "dpm"}
 def toy_model_dir(model: str | os.PathLike) -> Path | None:
     """The folder of a toy model named by ``model`` ("toy" = the shipped one, or a folder holding
     ``toy_t2i.json``), else None."""
-    if str(model) == "toy":
+    if str(model) == "toy":  # generate.models.TOY
         return SHIPPED_DIR
     folder = Path(os.path.expanduser(str(model)))
     return folder if (folder / CONFIG_NAME).is_file() else None
