@@ -945,6 +945,7 @@ def evaluate_renoise(
         (``overall``, ``kinds``, ``words``), ``default_recipe`` (DESIGN §4) numbers, ``breakdown`` (test: kind x
         resolution x window), and ``recipes`` (every recipe's val / test summaries per kind).
     """
+    from freeatm_fast.generate.aggregate import NORMALIZATIONS, UPSAMPLE_MODES
     from freeatm_fast.generate.capture import CaptureConfig
     from freeatm_fast.generate.models import default_dtype, load_pipeline
     from freeatm_fast.generate.sampler import DTYPES
@@ -961,11 +962,11 @@ def evaluate_renoise(
     if not taus or any(not 0.0 <= t <= 1.0 for t in taus):
         raise ValueError(f"eval masks: taus must be numbers in [0, 1], got {taus!r}")
     upsamples = tuple(upsamples)
-    if not upsamples or any(u not in ("bicubic", "bilinear", "nearest") for u in upsamples):
-        raise ValueError(f"eval masks: upsamples must be among bicubic, bilinear, nearest; got {upsamples!r}")
+    if not upsamples or any(u not in UPSAMPLE_MODES for u in upsamples):
+        raise ValueError(f"eval masks: upsamples must be among {UPSAMPLE_MODES}, got {upsamples!r}")
     normalizes = tuple(normalizes)
-    if not normalizes or any(n not in ("max", "minmax") for n in normalizes):
-        raise ValueError(f"eval masks: normalizes must be among max, minmax; got {normalizes!r}")
+    if not normalizes or any(n not in NORMALIZATIONS for n in normalizes):
+        raise ValueError(f"eval masks: normalizes must be among {NORMALIZATIONS}, got {normalizes!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

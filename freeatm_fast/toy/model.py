@@ -436,9 +436,9 @@ def write_toy_recipe(model_dir: str | os.PathLike, result: dict, *, command: str
         f"{test['start']}-{test['stop'] - 1}: colour {kind('test', 'colour')}, shape {kind('test', 'shape')}. "
         f"Sampling: {recipe['scheduler']} {recipe['steps']} steps, guidance {recipe['guidance']:g}."
     )
-    tmp = folder / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, folder / CONFIG_NAME)
+    from freeatm_fast.data.shards import atomic_write_bytes
+
+    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(info, indent=1) + "\n").encode("utf-8"))
     return recipe
 
 
