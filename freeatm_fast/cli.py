@@ -257,14 +257,15 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
             result = evaluate_renoise(
                 args.model, out=args.out, num_images=args.images, num_timesteps=args.timesteps,
                 image_size=args.image_size, mask_size=args.mask_size, batch_size=args.batch_size, seed=args.seed,
-                device=args.device, dtype=args.dtype, backend=args.backend, progress=not args.json,
+                toy_seed=args.toy_seed, device=args.device, dtype=args.dtype, backend=args.backend,
+                progress=not args.json,
             )  # fmt: skip
             if target is not None:
                 from freeatm_fast.toy.model import write_toy_recipe
 
                 command = (
                     f"freeatm eval masks --toyworld --model <this> --images {args.images} --timesteps {args.timesteps}"
-                )
+                ) + "".join(f" --{k} {v}" for k, v in (("seed", args.seed), ("toy-seed", args.toy_seed)) if v)
                 recipe = write_toy_recipe(target, result, command=command)
                 print(f"[eval masks] recipe written to {target / 'toy_t2i.json'}: {recipe}", file=sys.stderr)
         elif args.write_recipe:
@@ -470,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--image-size", type=_positive_int, metavar="S", help="re-noise: default the model's size")
     masks.add_argument("--mask-size", type=_positive_int, metavar="M", help="re-noise: default the image size")
     masks.add_argument("--seed", type=int, default=0, help="re-noise: noise seed (default 0)")
+    masks.add_argument(
+        "--toy-seed", type=int, default=0, metavar="S", help="re-noise: seed of the toy world rendered (default 0)"
+    )
     masks.add_argument("--device", metavar="D", help="re-noise: cpu, cuda or cuda:N (default: cuda when available)")
     masks.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="re-noise: default fp16 on GPU, else fp32")
     masks.add_argument(

@@ -258,6 +258,20 @@ def test_word_kinds_and_colours():
     assert em.object_colour("dog", "a red dog", (6, 9)) is None  # only shape words take the colour before them
 
 
+def test_renoise_toy_seed_renders_another_toy_world(tmp_path, capsys):
+    def run(*extra):
+        argv = ["eval", "masks", "--toyworld", "--model", "tiny-random", "--images", "2", "--timesteps", "1"]
+        argv += ["--image-size", "32", "--device", "cpu", "--json", "--out", str(tmp_path / "-".join(extra)), *extra]
+        assert cli.main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default, seeded = run(), run("--toy-seed", "3")
+    assert default["toyworld"] == {"split": "val", "seed": 0} and seeded["toyworld"] == {"split": "val", "seed": 3}
+    # Other images: other captions, so other words (or other counts) are scored.
+    words = [{w: v["n"] for w, v in r["test"]["words"].items()} for r in (default, seeded)]
+    assert words[0] != words[1]
+
+
 def test_renoise_mode_structure(tmp_path, capsys):
     torch.manual_seed(0)
     out = tmp_path / "renoise"
