@@ -292,6 +292,7 @@ def test_eval_masks_write_recipe_records_the_chosen_recipe(tmp_path, capsys):
     assert recipe != old and model_defaults(str(model)) == recipe
     assert info["trained_steps"] == 3 and (model / WEIGHTS_NAME).read_bytes() == weights
     assert f"test images {r['splits']['test']['start']}-" in info["recipe_source"]
+    assert f"toy-world (seed {r['toyworld']['seed']}) val images" in info["recipe_source"]
     assert f"colour {r['test']['kinds']['colour']['miou']:.3f}" in info["recipe_source"]
     assert ToyModelConfig.from_dict(info["model"]).recipe == recipe
     assert not list(model.glob(".*tmp*"))

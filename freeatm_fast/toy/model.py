@@ -429,7 +429,8 @@ def write_toy_recipe(model_dir: str | os.PathLike, result: dict, *, command: str
     val, test = result["splits"]["val"], result["splits"]["test"]
     info["model"]["recipe"] = recipe
     info["recipe_source"] = (
-        f"{command or 'freeatm eval masks --toyworld'}: best colour-word mIoU on toy-world val images "
+        f"{command or 'freeatm eval masks --toyworld'}: best colour-word mIoU on toy-world (seed "
+        f"{result.get('toyworld', {}).get('seed', '?')}) val images "
         f"{val['start']}-{val['stop'] - 1} (res {'+'.join(map(str, recipe['resolutions']))}, {chosen['window']}, "
         f"{recipe['upsample']}, {recipe['normalize']}-normalised, tau {recipe['tau']:g}): val colour "
         f"{kind('val', 'colour')}; test images "
